@@ -1,0 +1,29 @@
+"""Initialisation shared by the cell families: fused gate blocks, each initialised on its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+# Flax's choices: lecun-normal input weights, orthogonal recurrent weights, zero biases.
+default_input_init: Initializer = jax.nn.initializers.lecun_normal()
+default_recurrent_init: Initializer = jax.nn.initializers.orthogonal()
+default_bias_init: Initializer = jax.nn.initializers.zeros
+
+
+def check_size(cell_name: str, what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{cell_name} expects {what} to be a positive int, got {value!r}")
+
+
+def gate_blocks(
+    key: jax.Array, init: Initializer, rows: int, hidden: int, gates: int, dtype: jnp.dtype
+) -> jax.Array:
+    """A fused ``(rows, gates * hidden)`` matrix whose ``(rows, hidden)`` gate blocks are
+    initialised independently, so e.g. each gate's recurrent block is itself orthogonal."""
+    keys = jax.random.split(key, gates)
+    return jnp.concatenate([init(k, (rows, hidden), dtype) for k in keys], axis=1)

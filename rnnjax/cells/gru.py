@@ -1,0 +1,84 @@
+"""The GRU cell (Cho et al. 2014) in its reset-after (PyTorch/cuDNN/Keras) and original forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells._common import (
+    Initializer,
+    check_size,
+    default_bias_init,
+    default_input_init,
+    default_recurrent_init,
+    gate_blocks,
+)
+from rnnjax.core import Cell, check_step_input
+
+
+def gru(
+    hidden_size: int,
+    *,
+    reset_after: bool = True,
+    input_init: Initializer = default_input_init,
+    recurrent_init: Initializer = default_recurrent_init,
+    bias_init: Initializer = default_bias_init,
+    dtype: jnp.dtype = jnp.float32,
+) -> Cell:
+    """A GRU cell, PyTorch's ``nn.GRU`` step when ``reset_after=True``.
+
+    Params: ``w_i (I, 3H)``, ``w_h (H, 3H)``, ``b_i (3H,)``, ``b_h (3H,)`` with gates fused in
+    the order r, z, n. Carry and output: ``h (H,)``. With ``gi = x W_i + b_i``::
+
+        r = sigmoid(gi_r + h W_hr + b_hr)        z = sigmoid(gi_z + h W_hz + b_hz)
+        n = tanh(gi_n + r * (h W_hn + b_hn))     # reset_after=True  (PyTorch, cuDNN, Keras)
+        n = tanh(gi_n + (r * h) W_hn + b_hn)     # reset_after=False (Cho et al. 2014)
+        h' = (1 - z) * n + z * h
+
+    PyTorch's ``weight_ih_l0`` is ``w_i.T``, ``weight_hh_l0`` is ``w_h.T``, ``bias_ih_l0`` is
+    ``b_i`` and ``bias_hh_l0`` is ``b_h``. Both forms have the same params.
+
+    >>> import jax, jax.numpy as jnp, rnnjax as rj
+    >>> cell = rj.cells.gru(4, reset_after=False)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> h, y = cell.step(params, cell.initial_carry(params), jnp.ones(3))
+    >>> sorted(params), h.shape
+    (['b_h', 'b_i', 'w_h', 'w_i'], (4,))
+    """
+    check_size("gru", "hidden_size", hidden_size)
+    if not isinstance(reset_after, bool):
+        raise TypeError(f"gru reset_after must be True or False, got {reset_after!r}")
+    hs = hidden_size
+
+    def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
+        check_size("gru.init", "input_size", input_size)
+        ki, kh, kbi, kbh = jax.random.split(key, 4)
+        return {
+            "w_i": gate_blocks(ki, input_init, input_size, hs, 3, dtype),
+            "w_h": gate_blocks(kh, recurrent_init, hs, hs, 3, dtype),
+            "b_i": bias_init(kbi, (3 * hs,), dtype),
+            "b_h": bias_init(kbh, (3 * hs,), dtype),
+        }
+
+    def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
+        return jnp.zeros(params["w_h"].shape[:1], params["w_h"].dtype)
+
+    def step(params, h, x):
+        check_step_input("gru", x, params["w_i"].shape[0])
+        with jax.named_scope("gru"):
+            w_h, b_h = params["w_h"], params["b_h"]
+            gi_r, gi_z, gi_n = jnp.split(x @ params["w_i"] + params["b_i"], 3, axis=-1)
+            if reset_after:
+                gh_r, gh_z, gh_n = jnp.split(h @ w_h + b_h, 3, axis=-1)
+                r = jax.nn.sigmoid(gi_r + gh_r)
+                z = jax.nn.sigmoid(gi_z + gh_z)
+                n = jnp.tanh(gi_n + r * gh_n)
+            else:
+                gh_r, gh_z = jnp.split(h @ w_h[:, : 2 * hs] + b_h[: 2 * hs], 2, axis=-1)
+                r = jax.nn.sigmoid(gi_r + gh_r)
+                z = jax.nn.sigmoid(gi_z + gh_z)
+                n = jnp.tanh(gi_n + (r * h) @ w_h[:, 2 * hs :] + b_h[2 * hs :])
+            h = (1.0 - z) * n + z * h
+        return h, h
+
+    return Cell(init, initial_carry, step)
