@@ -63,7 +63,9 @@ def _check_carry_tuple(carry: Any, n: int, where: str) -> tuple:
     if carry is None:
         return (None,) * n
     if not isinstance(carry, tuple | list) or len(carry) != n:
-        got = type(carry).__name__ + (f" of length {len(carry)}" if isinstance(carry, tuple | list) else "")
+        got = type(carry).__name__ + (
+            f" of length {len(carry)}" if isinstance(carry, tuple | list) else ""
+        )
         raise TypeError(
             f"{where} expects carry to be None or a tuple of {n} carries (one per sublayer), "
             f"got {got}: pass the carry that {where} returned"
@@ -83,7 +85,8 @@ def bidirectional(fwd: Layer, bwd: Layer, *, merge: str = "concat") -> Layer:
     ``merge``: ``"concat"`` (output size ``H_f + H_b``), ``"sum"``, ``"mean"`` or ``"mul"``.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
-    >>> layer = rj.layers.bidirectional(rj.layers.rnn(rj.cells.gru(4)), rj.layers.rnn(rj.cells.gru(4)))
+    >>> gru = rj.layers.rnn(rj.cells.gru(4))
+    >>> layer = rj.layers.bidirectional(gru, gru)
     >>> params = layer.init(jax.random.key(0), 3)
     >>> (h_f, h_b), ys = layer.apply(params, jnp.ones((6, 3)), length=5)
     >>> ys.shape, bool((ys[:, 4:][0] == h_b).all())
@@ -150,7 +153,8 @@ def stack(*layers: Layer, dropout: float = 0.0, residual: bool = False) -> Layer
     for i, layer in enumerate(layers):
         if not isinstance(layer, Layer):
             raise TypeError(
-                f"stack expects rnnjax.Layer arguments, got {type(layer).__name__} at position {i}: "
+                f"stack expects rnnjax.Layer arguments, got {type(layer).__name__} "
+                f"at position {i}: "
                 "wrap a cell with rnnjax.layers.rnn(cell)"
             )
     if not 0.0 <= dropout < 1.0:
@@ -168,7 +172,9 @@ def stack(*layers: Layer, dropout: float = 0.0, residual: bool = False) -> Layer
 
     def apply(params, xs, *, length=None, mask=None, carry=None, key=None):
         if not isinstance(params, tuple | list) or len(params) != n:
-            raise TypeError(f"stack of {n} layers expects a tuple of {n} params, got {type(params).__name__}")
+            raise TypeError(
+                f"stack of {n} layers expects a tuple of {n} params, got {type(params).__name__}"
+            )
         carries = _check_carry_tuple(carry, n, "stack")
         keys = _split(key, 2 * n)
         h, out_carries = xs, []
@@ -221,7 +227,11 @@ def dense(
         if len(shape) != 2 or shape[-1] != in_size:
             raise ValueError(
                 f"dense expects xs of shape (T, {in_size}), got {shape}: "
-                + ("vmap over the batch axis" if shape[-1:] == (in_size,) else "check the input size")
+                + (
+                    "vmap over the batch axis"
+                    if shape[-1:] == (in_size,)
+                    else "check the input size"
+                )
             )
         ys = xs @ params["w"] + params["b"]
         if activation is not None:

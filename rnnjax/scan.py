@@ -36,7 +36,9 @@ def _sequence_length(xs: Any, where: str) -> int:
             )
         lengths.add(shape[0])
     if len(lengths) > 1:
-        raise ValueError(f"{where} expects every leaf of xs to have the same T, got {sorted(lengths)}")
+        raise ValueError(
+            f"{where} expects every leaf of xs to have the same T, got {sorted(lengths)}"
+        )
     return lengths.pop()
 
 
@@ -56,7 +58,9 @@ def step_mask(length: Any, mask: Any, steps: int, where: str) -> jax.Array | Non
                 "jax.vmap(lambda x, n: ...(x, length=n))(xs, lengths)"
             )
         if not jnp.issubdtype(jnp.result_type(length), jnp.integer):
-            raise TypeError(f"{where} expects an integer length, got dtype {jnp.result_type(length)}")
+            raise TypeError(
+                f"{where} expects an integer length, got dtype {jnp.result_type(length)}"
+            )
         if not isinstance(length, jax.core.Tracer):
             n = int(length)
             if not 0 <= n <= steps:

@@ -25,5 +25,9 @@ def gate_blocks(
 ) -> jax.Array:
     """A fused ``(rows, gates * hidden)`` matrix whose ``(rows, hidden)`` gate blocks are
     initialised independently, so e.g. each gate's recurrent block is itself orthogonal."""
+    # Initialise in at least float32 and cast: half-precision QR (orthogonal init) is not
+    # implemented on CPU, and float32 draws keep bfloat16 params on the same distribution.
+    wide = jnp.promote_types(dtype, jnp.float32)
     keys = jax.random.split(key, gates)
-    return jnp.concatenate([init(k, (rows, hidden), dtype) for k in keys], axis=1)
+    blocks = [init(k, (rows, hidden), wide) for k in keys]
+    return jnp.concatenate(blocks, axis=1).astype(dtype)

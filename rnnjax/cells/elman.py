@@ -58,7 +58,9 @@ def elman(
     elif callable(activation):
         act = activation
     else:
-        raise TypeError(f"elman activation must be 'tanh', 'relu' or a function, got {activation!r}")
+        raise TypeError(
+            f"elman activation must be 'tanh', 'relu' or a function, got {activation!r}"
+        )
 
     def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
         check_size("elman.init", "input_size", input_size)
