@@ -27,6 +27,8 @@ class Cell(NamedTuple):
       init: ``(key, input_size) -> params``, a pytree of arrays.
       initial_carry: ``(params) -> carry``, the state before the first step.
       step: ``(params, carry, x) -> (carry, y)`` with ``x`` of shape ``(input_size,)``.
+        The built-in cells' step also takes ``recurrent_mask=`` (``(H,)``), multiplied into
+        ``h`` where it meets ``W_h``: the hook for variational recurrent dropout.
     """
 
     init: Callable[[PRNGKey, int], Params]
@@ -39,9 +41,10 @@ class Layer(NamedTuple):
 
     Attributes:
       init: ``(key, input_size) -> params``.
-      apply: ``(params, xs, *, length=None, mask=None, carry=None, key=None) -> (carry, ys)``
-        with ``xs`` of shape ``(T, input_size)`` and ``ys`` of shape ``(T, output_size)``.
-        ``key=None`` means deterministic (no dropout).
+      apply: ``(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None)
+        -> (carry, ys)`` with ``xs`` of shape ``(T, input_size)`` and ``ys`` of shape
+        ``(T, output_size)``. ``reset`` marks sequence starts inside a stream (see
+        :func:`rnnjax.scan`); ``key=None`` means deterministic (no dropout).
     """
 
     init: Callable[[PRNGKey, int], Params]

@@ -8,6 +8,8 @@ take layers and return a layer, so they nest.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +29,45 @@ MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 }
 
 
-def rnn(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1, remat: bool = False) -> Layer:
+def _hidden(carry: Any) -> jax.Array:
+    """The hidden state inside a carry: the carry itself, or its ``h`` field (LSTMState)."""
+    return carry.h if hasattr(carry, "h") else carry
+
+
+def _check_rate(where: str, name: str, rate: float) -> float:
+    if not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{where} expects {name} in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+def rnn(
+    cell: Cell,
+    *,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    remat: bool = False,
+    input_dropout: float = 0.0,
+    recurrent_dropout: float = 0.0,
+    zoneout: float = 0.0,
+) -> Layer:
     """A layer that scans ``cell`` over the sequence; params are the cell's params.
 
     ``apply`` returns ``(carry, ys)``: the cell's carry after the last real step and its outputs
     ``(T, H)``. ``reverse``, ``unroll`` and ``remat`` are passed to :func:`rnnjax.scan`.
+
+    Regularizers, active only when ``apply`` gets a ``key`` (``key=None`` is evaluation):
+
+    - ``input_dropout``: one dropout mask on the input features per sequence, reused at every
+      step (variational dropout, Gal & Ghahramani 2016; Keras' ``dropout``).
+    - ``recurrent_dropout``: one mask on the hidden state per sequence, applied where ``h``
+      meets ``W_h`` at every step (Gal & Ghahramani; Keras' ``recurrent_dropout``). The cell's
+      step must accept ``recurrent_mask=`` (the built-in cells do).
+    - ``zoneout``: at every step each carry unit keeps its previous value with this probability
+      (Krueger et al. 2017); the output is the zoned-out hidden state. Without a key the carry
+      is the expectation, ``zoneout * old + (1 - zoneout) * new``, as in the paper.
+
+    Under ``vmap`` give every example its own key (:func:`batched` does), or every sequence in
+    the batch shares one mask.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> layer = rj.layers.rnn(rj.cells.lstm(8))
@@ -44,12 +80,50 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1, remat: boo
         raise TypeError(f"rnn expects an rnnjax.Cell, got {type(cell).__name__}")
     _check_unroll(unroll, "rnn")
     _check_remat(remat, "rnn")
+    p_in = _check_rate("rnn", "input_dropout", input_dropout)
+    p_rec = _check_rate("rnn", "recurrent_dropout", recurrent_dropout)
+    p_zone = _check_rate("rnn", "zoneout", zoneout)
+    if p_rec and "recurrent_mask" not in inspect.signature(cell.step).parameters:
+        raise TypeError(
+            "rnn recurrent_dropout needs a cell whose step accepts recurrent_mask= "
+            "(the built-in elman, lstm and gru do); this cell's step does not"
+        )
 
-    def apply(params, xs, *, length=None, mask=None, carry=None, key=None):
-        del key  # no randomness in a plain recurrent layer
+    def regularized(params, xs, key) -> tuple[Cell, Any]:
+        """The cell and inputs to scan, with this sequence's dropout masks and zoneout."""
+        step, k_in, k_rec, k_zone = cell.step, *_split(key, 3)
+        if p_in and key is not None:
+            xs = xs * _dropout(jnp.ones(np.shape(xs)[1:], xs.dtype), p_in, k_in)
+        if p_rec and key is not None:
+            mask = _dropout(jnp.ones(params["w_h"].shape[:1], params["w_h"].dtype), p_rec, k_rec)
+            step = functools.partial(step, recurrent_mask=mask)
+        if not p_zone:
+            return Cell(cell.init, cell.initial_carry, step), xs
+
+        def zoned(params, carry, inputs):
+            x, k = inputs
+            new, _ = step(params, carry, x)
+            news, tree = jax.tree.flatten(new)
+            olds = jax.tree.leaves(carry)
+            if k is None:
+                mixed = [p_zone * o + (1.0 - p_zone) * n for n, o in zip(news, olds, strict=True)]
+            else:
+                keep = [
+                    jax.random.bernoulli(k_leaf, p_zone, n.shape)
+                    for k_leaf, n in zip(jax.random.split(k, len(news)), news, strict=True)
+                ]
+                mixed = [jnp.where(m, o, n) for m, n, o in zip(keep, news, olds, strict=True)]
+            carry = jax.tree.unflatten(tree, mixed)
+            return carry, _hidden(carry)
+
+        step_keys = None if key is None else jax.random.split(k_zone, np.shape(xs)[0])
+        return Cell(cell.init, cell.initial_carry, zoned), (xs, step_keys)
+
+    def apply(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None):
+        run_cell, inputs = regularized(params, xs, key)
         return scan(
-            cell, params, xs, carry,
-            length=length, mask=mask, reverse=reverse, unroll=unroll, remat=remat,
+            run_cell, params, inputs, carry,
+            length=length, mask=mask, reset=reset, reverse=reverse, unroll=unroll, remat=remat,
         )  # fmt: skip
 
     return Layer(cell.init, apply)
@@ -99,7 +173,12 @@ def bidirectional(fwd: Layer, bwd: Layer, *, merge: str = "concat") -> Layer:
         kf, kb = jax.random.split(key)
         return {"fwd": fwd.init(kf, input_size), "bwd": bwd.init(kb, input_size)}
 
-    def apply(params, xs, *, length=None, mask=None, carry=None, key=None):
+    def apply(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None):
+        if reset is not None:
+            raise ValueError(
+                "bidirectional cannot take reset=: a stream with sequence boundaries is read "
+                "causally; split it into sequences and pass length= instead"
+            )
         c_f, c_b = _check_carry_tuple(carry, 2, "bidirectional")
         k_f, k_b = _split(key, 2)
         c_f, y_f = fwd.apply(params["fwd"], xs, length=length, mask=mask, carry=c_f, key=k_f)
@@ -118,7 +197,7 @@ def bidirectional(fwd: Layer, bwd: Layer, *, merge: str = "concat") -> Layer:
     return Layer(init, apply)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout: zero each element with probability ``rate``, scale the rest by
     ``1 / (1 - rate)``; the identity when ``key`` is None or ``rate`` is 0."""
     if key is None or rate == 0.0:
@@ -127,7 +206,33 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-_dropout = dropout  # stack's `dropout` argument shadows the function
+def dropout(rate: float) -> Layer:
+    """A parameter-free layer that drops each element of ``xs`` with probability ``rate``
+    (fresh at every step) when given a key; the identity without one. For dropout on a stack's
+    inputs or outputs: ``stack(dropout(0.2), rnn(...), ..., dropout(0.2), dense(n))``.
+
+    >>> import jax, jax.numpy as jnp, rnnjax as rj
+    >>> layer = rj.layers.dropout(0.5)
+    >>> params = layer.init(jax.random.key(0), 4)
+    >>> _, ys = layer.apply(params, jnp.ones((3, 4)), key=jax.random.key(1))
+    >>> sorted(set(ys.ravel().tolist()))
+    [0.0, 2.0]
+    """
+    p = _check_rate("dropout", "rate", rate)
+
+    def init(key, input_size):
+        del key, input_size
+        return {}
+
+    def apply(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None):
+        del params, length, mask, reset  # padded steps are zero in, so zero out
+        if carry is not None:
+            raise TypeError(
+                f"dropout has no carry; expected carry=None, got {type(carry).__name__}"
+            )
+        return None, _dropout(xs, p, key)
+
+    return Layer(init, apply)
 
 
 def stack(*layers: Layer, dropout: float = 0.0, residual: bool = False) -> Layer:
@@ -157,9 +262,7 @@ def stack(*layers: Layer, dropout: float = 0.0, residual: bool = False) -> Layer
                 f"at position {i}: "
                 "wrap a cell with rnnjax.layers.rnn(cell)"
             )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"stack expects dropout in [0, 1), got {dropout!r}")
-    rate = float(dropout)
+    rate = _check_rate("stack", "dropout", dropout)
     n = len(layers)
 
     def init(key, input_size):
@@ -170,7 +273,7 @@ def stack(*layers: Layer, dropout: float = 0.0, residual: bool = False) -> Layer
             size = output_size(layer, p, size)
         return tuple(params)
 
-    def apply(params, xs, *, length=None, mask=None, carry=None, key=None):
+    def apply(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None):
         if not isinstance(params, tuple | list) or len(params) != n:
             raise TypeError(
                 f"stack of {n} layers expects a tuple of {n} params, got {type(params).__name__}"
@@ -179,7 +282,9 @@ def stack(*layers: Layer, dropout: float = 0.0, residual: bool = False) -> Layer
         keys = _split(key, 2 * n)
         h, out_carries = xs, []
         for i, (layer, p, c) in enumerate(zip(layers, params, carries, strict=True)):
-            c, y = layer.apply(p, h, length=length, mask=mask, carry=c, key=keys[2 * i])
+            c, y = layer.apply(
+                p, h, length=length, mask=mask, reset=reset, carry=c, key=keys[2 * i]
+            )
             if i < n - 1:
                 y = _dropout(y, rate, keys[2 * i + 1])
             if residual and np.shape(y) == np.shape(h):
@@ -218,8 +323,8 @@ def dense(
         kw, kb = jax.random.split(key)
         return {"w": w_init(kw, (input_size, out_size), dtype), "b": b_init(kb, (out_size,), dtype)}
 
-    def apply(params, xs, *, length=None, mask=None, carry=None, key=None):
-        del key
+    def apply(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None):
+        del key, reset  # stateless and deterministic
         if carry is not None:
             raise TypeError(f"dense has no carry; expected carry=None, got {type(carry).__name__}")
         in_size = params["w"].shape[0]
@@ -242,3 +347,35 @@ def dense(
         return None, ys
 
     return Layer(init, apply)
+
+
+def batched(layer: Layer) -> Layer:
+    """The same layer over a batch: ``xs (B, T, I)``, ``length (B,)``, ``mask``/``reset``
+    ``(B, T)``, a batched carry; ``key`` is split so every example draws its own dropout masks.
+    Params are shared (not batched).
+
+    >>> import jax, jax.numpy as jnp, rnnjax as rj
+    >>> layer = rj.layers.batched(rj.layers.rnn(rj.cells.gru(4), recurrent_dropout=0.5))
+    >>> params = layer.init(jax.random.key(0), 3)
+    >>> h, ys = layer.apply(params, jnp.ones((2, 5, 3)), length=jnp.array([5, 2]),
+    ...                     key=jax.random.key(1))
+    >>> h.shape, ys.shape, bool((ys[0] != ys[1]).any())
+    ((2, 4), (2, 5, 4), True)
+    """
+
+    def apply(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None):
+        shape = tuple(np.shape(xs))
+        if len(shape) < 3:
+            raise ValueError(
+                f"batched layer expects xs of shape (B, T, input_size), got {shape}: "
+                "for one example call the unbatched layer"
+            )
+        keys = None if key is None else jax.random.split(key, shape[0])
+
+        def one(x, n, m, r, c, k):
+            return layer.apply(params, x, length=n, mask=m, reset=r, carry=c, key=k)
+
+        axes = [0, *(None if a is None else 0 for a in (length, mask, reset, carry, keys))]
+        return jax.vmap(one, in_axes=axes)(xs, length, mask, reset, carry, keys)
+
+    return Layer(layer.init, apply)

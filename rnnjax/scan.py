@@ -95,32 +95,43 @@ def _check_remat(remat: Any, where: str) -> None:
         raise ValueError(f"{where} expects remat to be True or False, got {remat!r}")
 
 
-def _prepare(cell, params, xs, carry, length, mask, where):
+def _prepare(cell, params, xs, carry, length, mask, reset, where):
+    """Check the inputs; return the starting carry and the scanned inputs ``(x, real, reset)``
+    (``real`` and ``reset`` are None when unused, which lax.scan treats as empty)."""
     steps = _sequence_length(xs, where)
-    m = step_mask(length, mask, steps, where)
+    real = step_mask(length, mask, steps, where)
+    if reset is not None:
+        if tuple(np.shape(reset)) != (steps,) or jnp.result_type(reset) != jnp.bool_:
+            raise ValueError(
+                f"{where} expects reset to be a boolean array of shape (T,) = ({steps},), got "
+                f"{jnp.result_type(reset)}{tuple(np.shape(reset))}: True where a new sequence "
+                "starts; vmap over the batch axis"
+            )
+        reset = jnp.asarray(reset)
     expected = jax.eval_shape(cell.initial_carry, params)
     if carry is None:
         carry = cell.initial_carry(params)
     else:
         check_carry(carry, expected, where)
-    return carry, m, steps
+    return carry, (xs, real, reset), steps
 
 
-def _step_fn(cell: Cell, params: Params, masked: bool, remat: bool):
-    """``(carry, inputs) -> (carry, y)`` for lax.scan; inputs are ``x`` or ``(x, real)``."""
+def _step_fn(cell: Cell, params: Params, remat: bool):
+    """``(carry, (x, real, reset)) -> (carry, y)``, the body of the scan."""
 
-    def plain(carry, x):
-        return cell.step(params, carry, x)
-
-    def with_mask(carry, inputs):
-        x, real = inputs
+    def step(carry, inputs):
+        x, real, reset = inputs
+        if reset is not None:
+            fresh = cell.initial_carry(params)
+            carry = jax.tree.map(lambda new, old: jnp.where(reset, new, old), fresh, carry)
         new_carry, y = cell.step(params, carry, x)
+        if real is None:
+            return new_carry, y
         carry = jax.tree.map(lambda new, old: jnp.where(real, new, old), new_carry, carry)
         y = jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), y)
         return carry, y
 
-    fn = with_mask if masked else plain
-    return jax.checkpoint(fn) if remat else fn
+    return jax.checkpoint(step) if remat else step
 
 
 def scan(
@@ -131,6 +142,7 @@ def scan(
     *,
     length: Any = None,
     mask: Any = None,
+    reset: Any = None,
     reverse: bool = False,
     unroll: int | bool = 1,
     remat: bool = False,
@@ -144,6 +156,9 @@ def scan(
       carry: the starting carry; ``None`` means ``cell.initial_carry(params)``.
       length: scalar int, the number of real steps at the front of ``xs`` (right padding).
       mask: ``(T,)`` bool, True at real steps. Give ``length`` or ``mask``, not both.
+      reset: ``(T,)`` bool, True where a new sequence starts inside ``xs`` (a stream of
+        concatenated sequences): the carry is replaced by ``cell.initial_carry(params)`` just
+        before that step is run, in either direction.
       reverse: run from the last real step to the first; outputs stay aligned with ``xs``.
       unroll: steps per ``lax.scan`` loop iteration (``True``: fully unrolled).
       remat: recompute each step in the backward pass instead of storing its intermediates.
@@ -162,9 +177,8 @@ def scan(
     where = "rnnjax.scan"
     _check_unroll(unroll, where)
     _check_remat(remat, where)
-    carry, m, _ = _prepare(cell, params, xs, carry, length, mask, where)
-    step = _step_fn(cell, params, m is not None, remat)
-    inputs = xs if m is None else (xs, m)
+    carry, inputs, _ = _prepare(cell, params, xs, carry, length, mask, reset, where)
+    step = _step_fn(cell, params, remat)
     return lax.scan(step, carry, inputs, reverse=bool(reverse), unroll=unroll)
 
 
@@ -176,6 +190,7 @@ def loop(
     *,
     length: Any = None,
     mask: Any = None,
+    reset: Any = None,
     reverse: bool = False,
     unroll: int | bool = 1,
     remat: bool = False,
@@ -196,14 +211,13 @@ def loop(
     where = "rnnjax.loop"
     _check_unroll(unroll, where)
     _check_remat(remat, where)
-    carry, m, steps = _prepare(cell, params, xs, carry, length, mask, where)
-    step = _step_fn(cell, params, m is not None, remat)
+    carry, inputs, steps = _prepare(cell, params, xs, carry, length, mask, reset, where)
+    step = _step_fn(cell, params, remat)
     if steps == 0:
         x_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
         y_spec = jax.eval_shape(lambda c, x: cell.step(params, c, x)[1], carry, x_spec)
         return carry, jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), y_spec)
     ys = [None] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
-        x_t = jax.tree.map(lambda a, t=t: a[t], xs)
-        carry, ys[t] = step(carry, x_t if m is None else (x_t, m[t]))
+        carry, ys[t] = step(carry, jax.tree.map(lambda a, t=t: a[t], inputs))
     return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)

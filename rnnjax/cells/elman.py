@@ -74,10 +74,11 @@ def elman(
     def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
         return jnp.zeros(params["w_h"].shape[:1], params["w_h"].dtype)
 
-    def step(params, h, x):
+    def step(params, h, x, *, recurrent_mask=None):
         check_step_input("elman", x, params["w_i"].shape[0])
         with jax.named_scope("elman"):
-            h = act(x @ params["w_i"] + h @ params["w_h"] + params["b"])
+            h_in = h if recurrent_mask is None else h * recurrent_mask
+            h = act(x @ params["w_i"] + h_in @ params["w_h"] + params["b"])
         return h, h
 
     return Cell(init, initial_carry, step)

@@ -63,21 +63,23 @@ def gru(
     def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
         return jnp.zeros(params["w_h"].shape[:1], params["w_h"].dtype)
 
-    def step(params, h, x):
+    def step(params, h, x, *, recurrent_mask=None):
         check_step_input("gru", x, params["w_i"].shape[0])
         with jax.named_scope("gru"):
             w_h, b_h = params["w_h"], params["b_h"]
+            # Variational dropout masks h where it meets W_h, not in the z-interpolation below.
+            h_in = h if recurrent_mask is None else h * recurrent_mask
             gi_r, gi_z, gi_n = jnp.split(x @ params["w_i"] + params["b_i"], 3, axis=-1)
             if reset_after:
-                gh_r, gh_z, gh_n = jnp.split(h @ w_h + b_h, 3, axis=-1)
+                gh_r, gh_z, gh_n = jnp.split(h_in @ w_h + b_h, 3, axis=-1)
                 r = jax.nn.sigmoid(gi_r + gh_r)
                 z = jax.nn.sigmoid(gi_z + gh_z)
                 n = jnp.tanh(gi_n + r * gh_n)
             else:
-                gh_r, gh_z = jnp.split(h @ w_h[:, : 2 * hs] + b_h[: 2 * hs], 2, axis=-1)
+                gh_r, gh_z = jnp.split(h_in @ w_h[:, : 2 * hs] + b_h[: 2 * hs], 2, axis=-1)
                 r = jax.nn.sigmoid(gi_r + gh_r)
                 z = jax.nn.sigmoid(gi_z + gh_z)
-                n = jnp.tanh(gi_n + (r * h) @ w_h[:, 2 * hs :] + b_h[2 * hs :])
+                n = jnp.tanh(gi_n + (r * h_in) @ w_h[:, 2 * hs :] + b_h[2 * hs :])
             h = (1.0 - z) * n + z * h
         return h, h
 

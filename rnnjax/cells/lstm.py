@@ -72,10 +72,11 @@ def lstm(
         z = jnp.zeros(params["w_h"].shape[:1], params["w_h"].dtype)
         return LSTMState(z, z)
 
-    def step(params, carry: LSTMState, x):
+    def step(params, carry: LSTMState, x, *, recurrent_mask=None):
         check_step_input("lstm", x, params["w_i"].shape[0])
         with jax.named_scope("lstm"):
-            z = x @ params["w_i"] + carry.h @ params["w_h"] + params["b"]
+            h_in = carry.h if recurrent_mask is None else carry.h * recurrent_mask
+            z = x @ params["w_i"] + h_in @ params["w_h"] + params["b"]
             i, f, g, o = jnp.split(z, 4, axis=-1)
             c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
             h = jax.nn.sigmoid(o) * jnp.tanh(c)

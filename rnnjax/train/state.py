@@ -40,7 +40,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Ar
         )
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         raise TypeError(
-            f"init_state expects a typed PRNG key from jax.random.key(seed), got dtype {key.dtype}: "
-            "use jax.random.key rather than the legacy jax.random.PRNGKey"
+            f"init_state expects a typed PRNG key from jax.random.key(seed), got dtype "
+            f"{key.dtype}: use jax.random.key rather than the legacy jax.random.PRNGKey"
         )
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
