@@ -1,0 +1,5 @@
+"""Data: generated tasks (and later text, time series, padding and batching)."""
+
+from rnnjax.data.synthetic import ADDING_BASELINE_MSE, adding
+
+__all__ = ["ADDING_BASELINE_MSE", "adding"]
