@@ -340,7 +340,8 @@ def test_lstm_learns_the_adding_problem(tmp_path):
     val = float(evaluate(result.state.params)["loss"])
     assert val < ADDING_BASELINE_MSE / 10, val
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r.get("split") == "train"]
+    assert all({"step", "split", "loss"} <= set(r) for r in rows)
+    train = [r for r in rows if r["split"] == "train"]
     assert {"step", "split", "loss", "grad_norm"} <= set(train[0])
     assert [r["step"] for r in rows if r.get("split") == "val"] == [100, 200, 300]
     assert (tmp_path / "loss.png").stat().st_size > 1000
@@ -389,8 +390,8 @@ def test_planted_nan_batch_is_skipped(tmp_path):
         progress=False,
     )
     assert result.skipped_steps == 1
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"event": "skipped_nonfinite", "step": nan_at + 1} in rows
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in events] == [("skipped_nonfinite", nan_at + 1)]
     # Step 8 (batch 7) did not touch the params: replaying it gives the params after batch 6.
     after = fit(step, state, poisoned, steps=nan_at + 1, progress=False).state
     assert_tree_close(after.params, before.params, atol=0)
@@ -454,7 +455,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         assert a[name].tobytes() == b[name].tobytes(), name
     resume_rows = [
         r
-        for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+        for r in map(json.loads, (killed / "events.jsonl").read_text().splitlines())
         if r.get("event") == "resume"
     ]
     assert len(resume_rows) == 1 and 200 <= resume_rows[0]["step"] < 800

@@ -139,7 +139,8 @@ def fit(
         steps and at the end; its ``loss`` (or ``early_stopping.metric``) picks the best
         checkpoint.
       out_dir: the run directory: ``metrics.jsonl`` (appended: one JSON object per line with
-        ``step``, ``split`` and the metrics), ``checkpoints/`` (orbax) and ``loss.png``.
+        ``step``, ``split`` and the metrics), ``events.jsonl`` (resumes, skipped steps),
+        ``checkpoints/`` (orbax) and ``loss.png``.
       checkpoint_every: save every N steps (and always at the end) when ``out_dir`` is set.
       keep_last, keep_best: checkpoints to keep, the latest and the best by validation metric.
       early_stopping: an :class:`EarlyStopping`; checked after each evaluation.
@@ -161,14 +162,22 @@ def fit(
             out / "checkpoints", keep_last=keep_last, keep_best=keep_best,
             best_metric=metric, best_mode=mode,
         )  # fmt: skip
-    log = (out / "metrics.jsonl").open("a") if out is not None else None
     history: list[dict] = []
 
+    def append(name: str, row: dict) -> None:
+        if out is not None:
+            with (out / name).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def record(row: dict) -> None:
+        """A metrics line: step, split, loss and the rest."""
         history.append(row)
-        if log is not None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+        append("metrics.jsonl", row)
+
+    def event(row: dict) -> None:
+        """Something that happened to the run (resumed, skipped a step): kept out of the
+        metrics so every metrics line has the same shape."""
+        append("events.jsonl", {**row, "time": time.time()})
 
     skipped = bad_streak = 0
     if ckpt is not None and resume and ckpt.latest_step() is not None:
@@ -178,7 +187,7 @@ def fit(
         if early_stopping is not None and extra.get("early_stopping"):
             for name, value in extra["early_stopping"].items():
                 setattr(early_stopping, name, value)
-        record({"event": "resume", "step": int(state.step)})
+        event({"event": "resume", "step": int(state.step)})
 
     def save(val: dict | None) -> None:
         if ckpt is None or int(state.step) in ckpt.steps():
@@ -217,7 +226,7 @@ def fit(
             else:
                 skipped += 1
                 bad_streak += 1
-                record({"event": "skipped_nonfinite", "step": done})
+                event({"event": "skipped_nonfinite", "step": done})
                 if bad_streak >= max_bad_steps:
                     good = ckpt.latest_step() if ckpt is not None else None
                     where = f"{ckpt.directory / str(good)}" if good is not None else "none"
@@ -257,8 +266,6 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-        if log is not None:
-            log.close()
         if ckpt is not None:
             ckpt.close()
     if out is not None:
