@@ -379,3 +379,51 @@ def batched(layer: Layer) -> Layer:
         return jax.vmap(one, in_axes=axes)(xs, length, mask, reset, carry, keys)
 
     return Layer(layer.init, apply)
+
+
+# Flax's nn.Embed default: N(0, 1 / features).
+_embed_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+
+def embed(
+    vocab_size: int,
+    features: int,
+    *,
+    init: Initializer = _embed_init,
+    dtype: jnp.dtype = jnp.float32,
+) -> Layer:
+    """A lookup table from int tokens ``(T,)`` to vectors ``(T, features)``; params
+    ``{"table": (vocab_size, features)}``. ``init``'s ``input_size`` is ignored (tokens are
+    scalars); padded steps give zero vectors.
+
+    >>> import jax, jax.numpy as jnp, rnnjax as rj
+    >>> layer = rj.layers.embed(10, 4)
+    >>> params = layer.init(jax.random.key(0), 1)
+    >>> _, ys = layer.apply(params, jnp.array([3, 3, 7]), length=2)
+    >>> ys.shape, bool((ys[0] == ys[1]).all()), bool((ys[2] == 0).all())
+    ((3, 4), True, True)
+    """
+    check_size("embed", "vocab_size", vocab_size)
+    check_size("embed", "features", features)
+
+    def init_params(key, input_size=1):
+        del input_size
+        return {"table": init(key, (vocab_size, features), dtype)}
+
+    def apply(params, tokens, *, length=None, mask=None, reset=None, carry=None, key=None):
+        del reset, key
+        if carry is not None:
+            raise TypeError(f"embed has no carry; expected carry=None, got {type(carry).__name__}")
+        shape = tuple(np.shape(tokens))
+        if len(shape) != 1 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise ValueError(
+                f"embed expects int tokens of shape (T,), got {jnp.result_type(tokens)}{shape}"
+                + (": vmap over the batch axis" if len(shape) == 2 else "")
+            )
+        ys = params["table"][tokens]
+        real = step_mask(length, mask, shape[0], "embed")
+        if real is not None:
+            ys = jnp.where(real[:, None], ys, jnp.zeros_like(ys))
+        return None, ys
+
+    return Layer(init_params, apply)

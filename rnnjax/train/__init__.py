@@ -12,7 +12,7 @@ from rnnjax.train.losses import (
     next_token_cross_entropy,
 )
 from rnnjax.train.state import TrainState, init_state
-from rnnjax.train.step import make_step, split_chunks, tbptt, tbptt_step
+from rnnjax.train.step import make_step, split_chunks, stream_step, tbptt, tbptt_step
 
 __all__ = [
     "Checkpoints",
@@ -32,6 +32,7 @@ __all__ = [
     "next_token_cross_entropy",
     "plot_losses",
     "split_chunks",
+    "stream_step",
     "tbptt",
     "tbptt_step",
 ]

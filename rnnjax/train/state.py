@@ -18,15 +18,20 @@ class TrainState(NamedTuple):
       step: int32 scalar, the number of steps taken (and so the data position: batches are
         addressed by step, see :func:`rnnjax.train.fit`).
       key: a typed PRNG key (``jax.random.key``), split once per step for dropout.
+      carry: the recurrent state carried from one step to the next in truncated BPTT over a
+        stream (None otherwise); part of the state so a resumed run continues the stream.
     """
 
     params: Any
     opt_state: Any
     step: jax.Array
     key: jax.Array
+    carry: Any = None
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+def init_state(
+    params: Any, optimizer: optax.GradientTransformation, key: jax.Array, carry: Any = None
+) -> TrainState:
     """A fresh :class:`TrainState` at step 0.
 
     >>> import jax, jax.numpy as jnp, optax
@@ -43,4 +48,4 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Ar
             f"init_state expects a typed PRNG key from jax.random.key(seed), got dtype "
             f"{key.dtype}: use jax.random.key rather than the legacy jax.random.PRNGKey"
         )
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, carry)

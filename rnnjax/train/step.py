@@ -49,7 +49,7 @@ def _apply(optimizer, clip_norm, state: TrainState, key, loss, grads, metrics) -
     keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     params = jax.tree.map(keep_old, params, state.params)
     opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
-    new_state = TrainState(params, opt_state, state.step + 1, key)
+    new_state = TrainState(params, opt_state, state.step + 1, key, state.carry)
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **metrics}
 
 
@@ -203,3 +203,17 @@ def tbptt(
 
     (state, carry), metrics = jax.lax.scan(body, (state, carry), chunks)
     return state, carry, metrics
+
+
+def stream_step(
+    step: Callable[[TrainState, Any, Any], tuple[TrainState, Any, Metrics]],
+) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
+    """Adapt a :func:`tbptt_step` to ``(state, chunk) -> (state, metrics)`` with the carry kept
+    in ``state.carry``, so :func:`rnnjax.train.fit` (and its checkpoints) drive a stream: each
+    call trains on the next chunk, starting from the carry the previous chunk ended with."""
+
+    def adapted(state: TrainState, chunk: Any) -> tuple[TrainState, Metrics]:
+        state, carry, metrics = step(state._replace(carry=None), state.carry, chunk)
+        return state._replace(carry=carry), metrics
+
+    return adapted

@@ -1,0 +1,330 @@
+"""The ``rnnjax`` command: train, generate, evaluate, info, bench.
+
+Bad input exits with status 2 and one line on stderr, never a traceback, and never removes
+anything a run directory already held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TASK_NAMES = ("charlm", "forecast", "adding", "copy", "classify", "seq2seq")
+CELL_NAMES = ("lstm", "gru", "elman")
+# Flags a resumed run may change; every other flag describes the model or its data.
+RESUMABLE = ("steps", "checkpoint_every", "eval_every")
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise CLIError(f"{self.prog}: {message}")
+
+
+def _number(kind, low, *, inclusive=True, name="value"):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value < low or (not inclusive and value == low):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _rate(text: str) -> float:
+    value = _number(float, 0.0)(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text}")
+    return value
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    # Defaults are None here: the task's defaults fill in what was not given, and a resumed
+    # run can tell a flag that was given from one that was not.
+    p.add_argument("--task", choices=TASK_NAMES, default=None, help="default: charlm")
+    p.add_argument("--cell", choices=CELL_NAMES, default=None, help="default: lstm")
+    p.add_argument("--hidden", type=_number(int, 1), help="hidden units per layer")
+    p.add_argument("--layers", type=_number(int, 1), help="stacked recurrent layers")
+    p.add_argument("--bidirectional", action="store_const", const=True, default=None)
+    p.add_argument("--dropout", type=_rate, help="dropout between layers")
+    p.add_argument("--recurrent-dropout", type=_rate, help="variational dropout on h")
+    p.add_argument("--steps", type=_number(int, 1), help="total training steps")
+    p.add_argument("--batch-size", type=_number(int, 1))
+    p.add_argument("--seq-len", type=_number(int, 2), help="sequence / window length")
+    p.add_argument("--tbptt", type=_number(int, 0), help="charlm: truncated BPTT chunk; 0 is off")
+    p.add_argument("--lr", type=_number(float, 0.0, inclusive=False), help="Adam learning rate")
+    p.add_argument("--clip", type=_number(float, 0.0), help="global-norm clip; 0 is off")
+    p.add_argument("--seed", type=_number(int, 0))
+    p.add_argument("--data", help="a data file (charlm: UTF-8 text; forecast: CSV)")
+    p.add_argument("--column", help="forecast: the CSV column to model")
+    p.add_argument("--checkpoint-every", type=_number(int, 0), help="0: only at the end")
+    p.add_argument("--eval-every", type=_number(int, 0), help="0: only at the end")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/TASK, numbered if taken)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parser() -> Parser:
+    top = Parser(prog="rnnjax", description="Recurrent sequence models for JAX.")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
+    train = sub.add_parser("train", help="train a model on a task (default: charlm)")
+    _train_flags(train)
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen.add_argument("--run", type=Path, required=True)
+    gen.add_argument("--prompt", default=None)
+    gen.add_argument("--length", type=_number(int, 0), default=300)
+    gen.add_argument("--temperature", type=_number(float, 0.0), default=0.8)
+    gen.add_argument("--top-k", type=_number(int, 1), default=None)
+    gen.add_argument("--top-p", type=_number(float, 0.0, inclusive=False), default=1.0)
+    gen.add_argument("--seed", type=_number(int, 0), default=0)
+    ev = sub.add_parser("evaluate", help="validation metrics of a run's latest checkpoint")
+    ev.add_argument("--run", type=Path, required=True)
+    ev.add_argument("--json", action="store_true", help="one JSON object, full precision")
+    sub.add_parser("info", help="versions and devices")
+    return top
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _task_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"rnnjax.tasks.{name}")
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    from rnnjax.tasks.base import COMMON_DEFAULTS
+
+    task = args.task or "charlm"
+    config = {"task": task, **COMMON_DEFAULTS, **_task_module(task).DEFAULTS}
+    for name in COMMON_DEFAULTS:
+        value = getattr(args, name, None)
+        if value is not None:
+            config[name] = value
+    if config["data"] is not None:
+        config["data"] = str(Path(config["data"]).absolute())
+    return config
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    from rnnjax.tasks.base import COMMON_DEFAULTS
+
+    names = ["task", *COMMON_DEFAULTS]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _fresh_dir(task: str) -> Path:
+    base = Path("runs") / task
+    if not base.exists():
+        return base
+    n = 2
+    while (base.parent / f"{task}-{n}").exists():
+        n += 1
+    return base.parent / f"{task}-{n}"
+
+
+def _load_config(run: Path) -> dict:
+    path = run / "config.json"
+    if not path.is_file():
+        raise CLIError(
+            f"{run} is not a run directory (no config.json); train one with rnnjax train"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{path} is not valid JSON ({e})") from None
+
+
+def _build(config: dict, run: Path):
+    from rnnjax.data.text import DataError
+
+    try:
+        return _task_module(config["task"]).build(config, run)
+    except DataError as e:
+        raise CLIError(str(e)) from None
+
+
+def _state(task, config: dict):
+    import jax
+    import optax
+
+    from rnnjax.train import init_state
+
+    optimizer = optax.adam(config["lr"])
+    state = init_state(task.params, optimizer, jax.random.key(config["seed"] + 1), task.carry)
+    return state, optimizer
+
+
+def _restore(task, config: dict, run: Path):
+    from rnnjax.train import Checkpoints
+
+    template, _ = _state(task, config)
+    ckpt = Checkpoints(run / "checkpoints")
+    try:
+        if ckpt.latest_step() is None:
+            raise CLIError(f"{run} has no checkpoint yet; train it (or resume it) first")
+        return ckpt.restore(template)
+    except ValueError as e:
+        raise CLIError(f"{run}: {e}") from None
+    finally:
+        ckpt.close()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.out is None:
+            raise CLIError("--resume needs --out DIR, the run directory to continue")
+        run = args.out
+        config = _load_config(run)
+        for name, value in _given(args).items():
+            if (
+                name in RESUMABLE
+                or name == "data"
+                and str(Path(value).absolute()) == config["data"]
+            ):
+                config[name] = value
+            elif config.get(name) != value:
+                raise CLIError(
+                    f"--{name.replace('_', '-')} {value} differs from the run's "
+                    f"{config.get(name)}: a resumed run keeps its model and data (drop the flag, "
+                    "or train into a new --out)"
+                )
+        created = False
+    else:
+        config = _config(args)
+        run = args.out or _fresh_dir(config["task"])
+        if run.exists() and any(run.iterdir()):
+            raise CLIError(
+                f"{run} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        created = not run.exists()
+        run.mkdir(parents=True, exist_ok=True)
+    try:
+        task = _build(config, run)
+    except BaseException:
+        if created:  # only what this command made: an empty directory and derived files
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+    (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    from rnnjax.train import TrainingDiverged, fit
+
+    state, optimizer = _state(task, config)
+    step = task.make_step(optimizer, config["clip"] or None)
+    print(f"rnnjax train: task {config['task']}, {config['cell']} x{config['layers']} "
+          f"hidden {config['hidden']}, {config['steps']} steps -> {run}", flush=True)  # fmt: skip
+    started = time.perf_counter()
+    try:
+        result = fit(
+            step, state, task.train_data, steps=config["steps"], eval_fn=task.evaluate,
+            eval_every=config["eval_every"], out_dir=run,
+            checkpoint_every=config["checkpoint_every"], resume=args.resume,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except TrainingDiverged as e:
+        print(f"rnnjax train: stopped: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        if "does not match the model" in str(e):
+            raise CLIError(f"{run}: {e}") from None
+        raise
+    elapsed = time.perf_counter() - started
+    val = task.evaluate(result.state.params)
+    summary = ", ".join(f"{k} {float(v):.4f}" for k, v in val.items())
+    print(f"trained to step {int(result.state.step)} in {elapsed:.0f} s; validation: {summary}")
+    if result.skipped_steps:
+        print(f"skipped {result.skipped_steps} steps with a non-finite loss or gradient")
+    for line in task.report(result.state.params, run):
+        print(line)
+    print(f"run directory: {run}  (metrics.jsonl, checkpoints/, loss.png)")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    config = _load_config(args.run)
+    task = _build(config, args.run)
+    if task.generate is None:
+        raise CLIError(f"the {config['task']} task does not generate text; try rnnjax evaluate")
+    state = _restore(task, config, args.run)
+    text = task.generate(
+        state.params, prompt=args.prompt, length=args.length, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    print(text)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    config = _load_config(args.run)
+    task = _build(config, args.run)
+    state = _restore(task, config, args.run)
+    metrics = {k: float(v) for k, v in task.evaluate(state.params).items()}
+    metrics["step"] = int(state.step)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for name, value in metrics.items():
+            print(f"{name:>16}  {value:.6g}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import jax
+
+    devices = jax.devices()
+    gpu = any(d.platform == "gpu" for d in devices)
+    versions = {}
+    for pkg in ("rnnjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    for pkg, version in versions.items():
+        print(f"{pkg:>17}  {version}")
+    print(f"{'backend':>17}  {jax.default_backend()}")
+    print(f"{'devices':>17}  {', '.join(str(d) for d in devices)}")
+    print(f"{'gpu':>17}  {'yes' if gpu else 'no'}")
+    return 0
+
+
+COMMANDS = {"train": train, "generate": generate, "evaluate": evaluate, "info": info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except CLIError as e:
+        message = str(e)
+        print(
+            message if message.startswith("rnnjax") else f"rnnjax: error: {message}",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print("rnnjax: interrupted; resume with --resume --out RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

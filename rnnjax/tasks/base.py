@@ -1,0 +1,115 @@
+"""What every task provides to the CLI, and the recurrent model they share.
+
+A task module defines ``DEFAULTS`` (its overrides of :data:`COMMON_DEFAULTS`) and
+``build(config, run_dir) -> Task``. ``config`` is the full, JSON-able run configuration (the CLI
+flags, saved as ``config.json``); ``run_dir`` is where the task keeps what it derives from data
+(a vocabulary, a normalizer) so that ``rnnjax generate``/``evaluate`` rebuild the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import optax
+
+import rnnjax as rj
+from rnnjax.core import Layer
+from rnnjax.data.text import DataError
+from rnnjax.train import make_step
+
+#: Flags shared by every task, with defaults that work; a task's DEFAULTS override them.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "cell": "lstm",
+    "hidden": 128,
+    "layers": 1,
+    "bidirectional": False,
+    "dropout": 0.0,
+    "recurrent_dropout": 0.0,
+    "steps": 1000,
+    "batch_size": 32,
+    "seq_len": 50,
+    "tbptt": 0,
+    "lr": 3e-3,
+    "clip": 1.0,
+    "seed": 0,
+    "data": None,
+    "column": None,
+    "checkpoint_every": 250,
+    "eval_every": 250,
+}
+
+CELLS: dict[str, Callable[..., rj.Cell]] = {
+    "lstm": rj.cells.lstm,
+    "gru": rj.cells.gru,
+    "elman": rj.cells.elman,
+}
+
+
+@dataclass
+class Task:
+    """A sequence problem, ready to train.
+
+    Attributes:
+      params: freshly initialised params (seeded by ``config["seed"]``).
+      loss_fn: ``(params, batch, key) -> (loss, metrics)``.
+      train_data: ``step -> batch``, deterministic in the step.
+      evaluate: ``params -> {"loss": ..., metric: ..., baselines...}`` on held-out data.
+      metric: the task's own metric name (``bpc``, ``mse``, ``accuracy``, ...).
+      report: ``(params, run_dir) -> lines`` printed after training (samples, baselines);
+        may write plots into ``run_dir``.
+      generate: ``(params, prompt, length, temperature, top_k, top_p, seed) -> str`` for tasks
+        that generate text; None otherwise.
+      step: ``(optimizer, clip_norm) -> step function``; full BPTT over ``loss_fn`` by default.
+      carry: the initial ``TrainState.carry`` (a batch of carries for streaming TBPTT).
+    """
+
+    params: Any
+    loss_fn: Callable[..., Any]
+    train_data: Callable[[int], Any]
+    evaluate: Callable[[Any], dict]
+    metric: str
+    report: Callable[[Any, Path], list[str]]
+    generate: Callable[..., str] | None = None
+    step: Callable[..., Any] | None = None
+    carry: Any = None
+    info: dict = field(default_factory=dict)
+
+    def make_step(self, optimizer: optax.GradientTransformation, clip_norm: float | None):
+        if self.step is not None:
+            return self.step(optimizer, clip_norm)
+        return make_step(self.loss_fn, optimizer, clip_norm=clip_norm)
+
+
+def recurrent_layers(config: dict, *, causal: bool = False) -> Layer:
+    """The stack of recurrent layers the flags describe: ``layers`` x ``cell(hidden)``, each
+    bidirectional if asked, ``dropout`` between layers and ``recurrent_dropout`` inside them.
+    ``causal`` tasks (language models, forecasting) refuse ``bidirectional``."""
+    if config["bidirectional"] and causal:
+        raise DataError(
+            f"--bidirectional does not apply to the {config['task']} task: it predicts the next "
+            "step, so it must not read the future"
+        )
+    make = CELLS[config["cell"]]
+
+    def one():
+        return rj.layers.rnn(make(config["hidden"]), recurrent_dropout=config["recurrent_dropout"])
+
+    layers = [
+        rj.layers.bidirectional(one(), one()) if config["bidirectional"] else one()
+        for _ in range(config["layers"])
+    ]
+    return rj.layers.stack(*layers, dropout=config["dropout"])
+
+
+def recurrent_size(config: dict) -> int:
+    """The feature size coming out of :func:`recurrent_layers`."""
+    return config["hidden"] * (2 if config["bidirectional"] else 1)
+
+
+def split_keys(config: dict, n: int) -> list[jax.Array]:
+    """``n`` keys derived from the run's seed, for params, data and so on."""
+    return list(jax.random.split(jax.random.key(config["seed"]), n))
