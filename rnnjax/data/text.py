@@ -99,8 +99,8 @@ CORPUS_MODULES = (
     "ipaddress", "json/__init__", "json/decoder", "locale", "logging/__init__", "mailbox",
     "mimetypes", "netrc", "nntplib", "numbers", "optparse", "os", "pathlib", "pdb", "pickle",
     "pkgutil", "platform", "plistlib", "poplib", "pprint", "pydoc", "queue", "random",
-    "re/__init__", "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket", "socketserver",
-    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
+    "re/__init__", "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket",
+    "socketserver", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
     "timeit", "tokenize", "trace", "traceback", "typing", "unittest/case", "urllib/parse",
     "urllib/request", "uuid", "warnings", "weakref", "xml/dom/minidom", "zipfile", "zipimport",
 )  # fmt: skip
