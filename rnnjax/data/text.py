@@ -90,20 +90,20 @@ def read_text(path: str | Path, *, min_chars: int = 2) -> str:
 
 
 # Pure-Python standard-library modules with plenty of prose in their docstrings.
-CORPUS_MODULES = (
-    "argparse", "ast", "asyncio/events", "base64", "bisect", "calendar", "cmd", "codecs",
-    "collections/__init__", "configparser", "contextlib", "copy", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "doctest", "email/message", "enum", "fileinput",
-    "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip",
-    "heapq", "hmac", "html/parser", "http/client", "http/cookiejar", "imaplib", "inspect",
-    "ipaddress", "json/__init__", "json/decoder", "locale", "logging/__init__", "mailbox",
-    "mimetypes", "netrc", "nntplib", "numbers", "optparse", "os", "pathlib", "pdb", "pickle",
-    "pkgutil", "platform", "plistlib", "poplib", "pprint", "pydoc", "queue", "random",
-    "re/__init__", "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket",
-    "socketserver", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
-    "timeit", "tokenize", "trace", "traceback", "typing", "unittest/case", "urllib/parse",
-    "urllib/request", "uuid", "warnings", "weakref", "xml/dom/minidom", "zipfile", "zipimport",
-)  # fmt: skip
+CORPUS_MODULES = tuple(
+    """
+    argparse ast asyncio/events base64 bisect calendar cmd codecs collections/__init__
+    configparser contextlib copy csv dataclasses datetime decimal difflib doctest
+    email/message enum fileinput fnmatch fractions ftplib functools getopt gettext glob gzip
+    heapq hmac html/parser http/client http/cookiejar imaplib inspect ipaddress json/__init__
+    json/decoder locale logging/__init__ mailbox mimetypes netrc nntplib numbers optparse os
+    pathlib pdb pickle pkgutil platform plistlib poplib pprint pydoc queue random re/__init__
+    sched secrets selectors shlex shutil smtplib socket socketserver statistics string
+    subprocess tarfile tempfile textwrap threading timeit tokenize trace traceback typing
+    unittest/case urllib/parse urllib/request uuid warnings weakref xml/dom/minidom zipfile
+    zipimport
+    """.split()
+)
 
 
 def stdlib_corpus(max_chars: int = 1_500_000) -> str:
