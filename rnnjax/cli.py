@@ -54,7 +54,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     # Defaults are None here: the task's defaults fill in what was not given, and a resumed
     # run can tell a flag that was given from one that was not.
     p.add_argument("--task", choices=TASK_NAMES, default=None, help="default: charlm")
-    p.add_argument("--cell", choices=CELL_NAMES, default=None, help="default: lstm")
+    p.add_argument("--cell", choices=CELL_NAMES, default=None, help="default: the task's")
     p.add_argument("--hidden", type=_number(int, 1), help="hidden units per layer")
     p.add_argument("--layers", type=_number(int, 1), help="stacked recurrent layers")
     p.add_argument("--bidirectional", action="store_const", const=True, default=None)
@@ -262,10 +262,15 @@ def generate(args: argparse.Namespace) -> int:
     if task.generate is None:
         raise CLIError(f"the {config['task']} task does not generate text; try rnnjax evaluate")
     state = _restore(task, config, args.run)
-    text = task.generate(
-        state.params, prompt=args.prompt, length=args.length, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
+    from rnnjax.data.text import DataError
+
+    try:
+        text = task.generate(
+            state.params, prompt=args.prompt, length=args.length, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        )  # fmt: skip
+    except DataError as e:
+        raise CLIError(str(e)) from None
     print(text)
     return 0
 
@@ -279,8 +284,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
+        width = max(map(len, metrics))
         for name, value in metrics.items():
-            print(f"{name:>16}  {value:.6g}")
+            print(f"{name:>{width}}  {value:.6g}")
     return 0
 
 
@@ -326,5 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m rnnjax.cli: run the imported module, not a second copy
+    from rnnjax.cli import main as _main
+
+    sys.exit(_main())

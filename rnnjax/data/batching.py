@@ -99,7 +99,7 @@ def sliding_windows(
     if count < 1:
         raise ValueError(
             f"a series of {len(series)} steps is shorter than one window of {window} inputs "
-            f"and {horizon} targets; use a shorter --seq-len or a longer series"
+            f"and {horizon} targets; use a shorter window or a longer series"
         )
     idx = np.arange(count)[:, None]
     return series[idx + np.arange(window)], series[idx + window + np.arange(horizon)]
