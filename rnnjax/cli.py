@@ -62,7 +62,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recurrent-dropout", type=_rate, help="variational dropout on h")
     p.add_argument("--steps", type=_number(int, 1), help="total training steps")
     p.add_argument("--batch-size", type=_number(int, 1))
-    p.add_argument("--seq-len", type=_number(int, 2), help="sequence / window length")
+    p.add_argument(
+        "--seq-len",
+        type=_number(int, 2),
+        help="length: window (charlm, forecast), delay (copy), maximum (classify)",
+    )
     p.add_argument("--tbptt", type=_number(int, 0), help="charlm: truncated BPTT chunk; 0 is off")
     p.add_argument("--lr", type=_number(float, 0.0, inclusive=False), help="Adam learning rate")
     p.add_argument("--clip", type=_number(float, 0.0), help="global-norm clip; 0 is off")

@@ -1,5 +1,5 @@
 """Data: generated tasks (and later text, time series, padding and batching)."""
 
-from rnnjax.data.synthetic import ADDING_BASELINE_MSE, adding
+from rnnjax.data.synthetic import ADDING_BASELINE_MSE, adding, copy_baseline, copy_memory, majority
 
-__all__ = ["ADDING_BASELINE_MSE", "adding"]
+__all__ = ["ADDING_BASELINE_MSE", "adding", "copy_baseline", "copy_memory", "majority"]

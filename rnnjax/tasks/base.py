@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import rnnjax as rj
@@ -113,3 +114,56 @@ def recurrent_size(config: dict) -> int:
 def split_keys(config: dict, n: int) -> list[jax.Array]:
     """``n`` keys derived from the run's seed, for params, data and so on."""
     return list(jax.random.split(jax.random.key(config["seed"]), n))
+
+
+def check_generated(config: dict) -> None:
+    """Refuse the flags that only data-file and streaming tasks use."""
+    task = config["task"]
+    if config["tbptt"]:
+        raise DataError(
+            f"--tbptt applies to the charlm task only (a text stream read in chunks); the {task} "
+            "task trains on whole sequences with full BPTT: drop --tbptt"
+        )
+    for flag in ("data", "column"):
+        if config[flag] is not None:
+            raise DataError(
+                f"--{flag} does not apply to the {task} task: it generates its own data"
+            )
+
+
+def readout(carry: Any, bidirectional: bool) -> jax.Array:
+    """The final state of :func:`~rnnjax.tasks.base.recurrent_layers`, from its carry: the top
+    layer's ``h`` after the last real step, ``(H,)``; for a bidirectional layer also the backward
+    ``h`` after it has read back to step 0, concatenated, ``(2H,)``.
+
+    >>> import jax, jax.numpy as jnp, rnnjax as rj
+    >>> body = rj.layers.stack(rj.layers.rnn(rj.cells.lstm(4)))
+    >>> params = body.init(jax.random.key(0), 2)
+    >>> carry, ys = body.apply(params, jnp.ones((5, 2)), length=3)
+    >>> bool((readout(carry, False) == ys[2]).all())
+    True
+    """
+    top = carry[-1]
+    parts = top if bidirectional else (top,)
+    return jnp.concatenate([c.h if hasattr(c, "h") else c for c in parts], axis=-1)
+
+
+def many_to_one(config: dict, out_size: int, input_size: int) -> tuple[Callable, Callable]:
+    """A many-to-one model: ``init(key) -> params`` and ``apply(params, xs (T, input_size),
+    length=None, key=None) -> (out_size,)``, the recurrent layers read out by a dense layer."""
+    body = recurrent_layers(config)
+    head = rj.layers.dense(out_size)
+
+    def init(key):
+        k_body, k_head = jax.random.split(key)
+        return {
+            "body": body.init(k_body, input_size),
+            "head": head.init(k_head, recurrent_size(config)),
+        }
+
+    def apply(params, xs, length=None, key=None):
+        carry, _ = body.apply(params["body"], xs, length=length, key=key)
+        features = readout(carry, config["bidirectional"])
+        return head.apply(params["head"], features[None])[1][0]
+
+    return init, apply

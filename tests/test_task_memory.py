@@ -1,0 +1,215 @@
+"""The adding and copy tasks: their generators, baselines and the real ``rnnjax`` command
+(train, evaluate, resume) on tiny runs."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnnjax import cli
+from rnnjax.data.synthetic import ADDING_BASELINE_MSE, adding, copy_baseline, copy_memory
+from rnnjax.tasks import adding as adding_task
+from rnnjax.tasks import copy as copy_task
+from rnnjax.tasks.base import COMMON_DEFAULTS
+from rnnjax.train import cross_entropy
+
+TINY = ["--hidden", "8", "--seq-len", "6", "--batch-size", "4", "--no-progress"]
+METRIC = {"adding": "mse", "copy": "accuracy"}
+EVALUATED = {
+    "adding": set("loss mse baseline_mse baseline_mse_val".split()),
+    "copy": set(
+        "loss accuracy copy_loss baseline_loss baseline_loss_val baseline_accuracy".split()
+    ),
+}
+
+
+def launch(*args, cache):
+    """``rnnjax ARGS`` as a process; processes share a compilation cache in ``cache``, so only
+    the first to need a function compiles it (the same executable, so the same numbers)."""
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def finish(process):
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def rnnjax(*args, cache):
+    return finish(launch(*args, cache=cache))
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def config(task, **overrides):
+    module = {"adding": adding_task, "copy": copy_task}[task]
+    return {"task": task, **COMMON_DEFAULTS, **module.DEFAULTS, "hidden": 8, **overrides}
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def test_adding_batches_and_baseline():
+    xs, ys = adding(jax.random.key(0), 4096, 12)
+    assert xs.shape == (4096, 12, 2) and ys.shape == (4096,)
+    marks = np.asarray(xs[..., 1])
+    assert (marks.sum(1) == 2).all() and (marks[:, :6].sum(1) == 1).all()
+    np.testing.assert_allclose(ys, (xs[..., 0] * xs[..., 1]).sum(1), rtol=1e-6)
+    assert abs(float(jnp.mean((ys - 1.0) ** 2)) - ADDING_BASELINE_MSE) < 0.01
+
+
+def test_copy_layout():
+    S, K, T = 5, 4, 7
+    xs, ys = copy_memory(jax.random.key(0), 64, T, symbols=S, alphabet=K)
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    assert xs.shape == ys.shape == (64, T + 2 * S)
+    assert ((xs[:, :S] >= 1) & (xs[:, :S] <= K)).all()  # symbols 1..K
+    assert (xs[:, S : S + T - 1] == 0).all() and (xs[:, S + T - 1] == K + 1).all()  # delimiter
+    assert (xs[:, S + T :] == 0).all()
+    assert (ys[:, : T + S] == 0).all() and (ys[:, T + S :] == xs[:, :S]).all()
+    assert len(np.unique(xs[:, :S])) == K  # every symbol occurs
+
+
+def test_copy_memoryless_baseline_formula_matches_a_measurement():
+    S, K, T = 10, 8, 30
+    _, ys = copy_memory(jax.random.key(1), 4096, T, symbols=S, alphabet=K)
+    # The memoryless predictor, as logits: blank for T + S steps, then uniform over 1..K.
+    logits = np.full((T + 2 * S, K + 1), -1e4, np.float32)
+    logits[: T + S, 0] = 0.0
+    logits[T + S :, 1:] = 0.0
+    measured = float(cross_entropy(jnp.broadcast_to(logits, (*ys.shape, K + 1)), ys))
+    assert measured == pytest.approx(S * math.log(K) / (T + 2 * S), rel=1e-5)
+    assert copy_baseline(T, S, K) == pytest.approx(measured, rel=1e-5)
+    # Fitting per-position frequencies to this sample does barely better, never worse.
+    fitted = copy_task.positional_baseline(np.asarray(ys), K + 1)
+    assert measured - 0.01 < fitted <= measured
+
+
+def test_copy_generator_rejects_a_zero_delay():
+    with pytest.raises(ValueError, match="copy_memory needs delay, symbols and alphabet >= 1"):
+        copy_memory(jax.random.key(0), 2, 0)
+
+
+# ----------------------------------------------------------------------------- tasks in-process
+
+
+@pytest.mark.parametrize("task", ["adding", "copy"])
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("tbptt", 8, r"--tbptt applies to the charlm task only"),
+        ("data", "x.csv", r"--data does not apply to the \w+ task: it generates its own data"),
+    ],
+)
+def test_stream_and_file_flags_are_refused(task, flag, value, message, tmp_path):
+    from rnnjax.data.text import DataError
+
+    module = {"adding": adding_task, "copy": copy_task}[task]
+    with pytest.raises(DataError, match=message):
+        module.build(config(task, **{flag: value}), tmp_path)
+
+
+def test_cli_tbptt_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "copy", "--tbptt", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "rnnjax: error: --tbptt applies to the charlm task only (a text stream read in chunks); "
+        "the copy task trains on whole sequences with full BPTT: drop --tbptt"
+    ]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the real CLI
+
+
+def train_evaluate_resume(task, root):
+    """Train 10 steps; then evaluate that checkpoint (on a copy), resume to 20, and train 20
+    steps without a stop (into another directory), all three at once."""
+    out, straight = root / task, root / f"{task}-straight"
+    args = ["--task", task, *TINY, "--eval-every", "5", "--checkpoint-every", "0"]
+    seen = {"train": ok(rnnjax("train", *args, "--out", out, "--steps", "10", cache=root))}
+    seen["files"] = sorted(p.name for p in out.iterdir())
+    seen["checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
+    seen["metrics"] = rows(out / "metrics.jsonl")
+    at_10 = shutil.copytree(out, root / f"{task}-at-10")
+    running = [
+        launch("evaluate", "--run", at_10, "--json", cache=root),
+        launch("train", *args, "--out", out, "--steps", "20", "--resume", cache=root),
+        launch("train", *args, "--out", straight, "--steps", "20", cache=root),
+    ]
+    evaluated, _, _ = [ok(result) for result in [finish(process) for process in running]]
+    seen["evaluate"] = json.loads(evaluated)
+    return out, seen, straight
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both tasks' CLI runs, in parallel (each command is a process of its own)."""
+    root = tmp_path_factory.mktemp("runs")
+    with ThreadPoolExecutor(2) as pool:
+        chains = {t: pool.submit(train_evaluate_resume, t, root) for t in METRIC}
+        return {t: chain.result() for t, chain in chains.items()}
+
+
+@pytest.mark.parametrize("task", ["adding", "copy"])
+def test_train_writes_a_run_directory(runs, task):
+    out, seen, _ = runs[task]
+    assert {"config.json", "metrics.jsonl", "checkpoints", "loss.png"} <= set(seen["files"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["task"] == task and saved["hidden"] == 8 and saved["seq_len"] == 6
+    assert (out / "loss.png").stat().st_size > 1000
+    assert seen["checkpoints"] == ["10"]
+    lines = seen["metrics"]
+    assert all({"step", "split", "loss", METRIC[task]} <= set(r) for r in lines)
+    assert [r["step"] for r in lines if r["split"] == "train"] == [10]
+    assert [r["step"] for r in lines if r["split"] == "val"] == [5, 10]
+    assert EVALUATED[task] <= set(lines[-1])
+    assert "baseline" in seen["train"] and "run directory" in seen["train"]
+
+
+@pytest.mark.parametrize("task", ["adding", "copy"])
+def test_evaluate_json_is_the_checkpoint(runs, task):
+    _, seen, _ = runs[task]
+    evaluated = seen["evaluate"]
+    assert EVALUATED[task] <= set(evaluated) and evaluated["step"] == 10
+    last_val = seen["metrics"][-1]
+    assert all(evaluated[k] == last_val[k] for k in EVALUATED[task])  # every digit
+
+
+@pytest.mark.parametrize("task", ["adding", "copy"])
+def test_resume_continues_the_same_run(runs, task):
+    out, _, uninterrupted = runs[task]
+    assert [e["step"] for e in rows(out / "events.jsonl") if e["event"] == "resume"] == [10]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["10", "20"]
+    resumed = [r for r in rows(out / "metrics.jsonl") if r["split"] == "val"]
+    assert [r["step"] for r in resumed] == [5, 10, 15, 20]
+    # Batches are addressed by step: stopping and resuming changes nothing, bit for bit.
+    assert resumed == [r for r in rows(uninterrupted / "metrics.jsonl") if r["split"] == "val"]
