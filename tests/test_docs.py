@@ -24,7 +24,7 @@ def test_readme_block_runs(index):
 def test_readme_starts_with_the_two_commands_ci_runs():
     first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).strip().splitlines()
     assert len(first_block) == 2
-    assert first_block[0].startswith("python -m pip install -e . && python examples/quickstart.py")
+    assert first_block[0].startswith("python -m pip install -e . && rnnjax train")
     assert first_block[1].startswith('python -m pip install -e ".[test]" && python -m pytest')
     assert "python -m pip install .*&& python -m pytest" in (ROOT / ".ci" / "run").read_text()
 
