@@ -3,6 +3,7 @@ every kind of bad input (exit status 2, one line, no traceback, nothing written 
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,10 +17,24 @@ TINY = ROOT / "tests" / "data" / "tiny.txt"
 SMALL = ["--hidden", "16", "--seq-len", "16", "--batch-size", "4", "--no-progress"]
 
 
+ENV = dict(os.environ)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """The subprocesses share a JAX compilation cache: each compiles the same small programs,
+    and the cache only skips recompiling them (the compiled code, so the numbers, are the same)."""
+    ENV.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
 def rnnjax(*args, cwd=None, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=ENV,
     )  # fmt: skip
 
 
