@@ -3,15 +3,13 @@ prediction, the backward direction starts at the last real step) and the real ``
 command on a tiny run."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_process import finish, launch, ok, rnnjax, rows
 
 import rnnjax as rj
 from rnnjax import cli
@@ -22,43 +20,6 @@ from rnnjax.tasks.base import COMMON_DEFAULTS
 
 ARGS = ["--task", "classify", "--hidden", "8", "--seq-len", "12", "--batch-size", "8"]
 ARGS += ["--bidirectional", "--eval-every", "5", "--checkpoint-every", "0", "--no-progress"]
-
-
-def launch(*args, cache):
-    """``rnnjax ARGS`` as a process; processes share a compilation cache in ``cache``, so only
-    the first to need a function compiles it (the same executable, so the same numbers)."""
-    env = {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(cache / "jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-
-
-def finish(process):
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def rnnjax(*args, cache):
-    return finish(launch(*args, cache=cache))
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def config(**overrides):

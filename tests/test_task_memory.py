@@ -3,16 +3,14 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_process import finish, launch, ok, rnnjax, rows
 
 from rnnjax import cli
 from rnnjax.data.synthetic import ADDING_BASELINE_MSE, adding, copy_baseline, copy_memory
@@ -29,43 +27,6 @@ EVALUATED = {
         "loss accuracy copy_loss baseline_loss baseline_loss_val baseline_accuracy".split()
     ),
 }
-
-
-def launch(*args, cache):
-    """``rnnjax ARGS`` as a process; processes share a compilation cache in ``cache``, so only
-    the first to need a function compiles it (the same executable, so the same numbers)."""
-    env = {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(cache / "jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-
-
-def finish(process):
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def rnnjax(*args, cache):
-    return finish(launch(*args, cache=cache))
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def config(task, **overrides):

@@ -1,0 +1,43 @@
+"""The rnnjax command as a real subprocess, for the task tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def launch(*args, cache):
+    """``rnnjax ARGS`` as a process; processes share a compilation cache in ``cache``, so only
+    the first to need a function compiles it (the same executable, so the same numbers)."""
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def finish(process):
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def rnnjax(*args, cache):
+    return finish(launch(*args, cache=cache))
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
