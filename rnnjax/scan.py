@@ -108,11 +108,10 @@ def _prepare(cell, params, xs, carry, length, mask, reset, where):
                 "starts; vmap over the batch axis"
             )
         reset = jnp.asarray(reset)
-    expected = jax.eval_shape(cell.initial_carry, params)
     if carry is None:
         carry = cell.initial_carry(params)
     else:
-        check_carry(carry, expected, where)
+        check_carry(carry, jax.eval_shape(cell.initial_carry, params), where)
     return carry, (xs, real, reset), steps
 
 
