@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,3 +42,22 @@ def ok(result):
 
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_evaluate_resume(args, root, out, straight, first, total):
+    """Train ``first`` steps into ``out``; then, all at once: evaluate that checkpoint (on a
+    copy), resume ``out`` to ``total`` steps, and train ``total`` steps without a stop into
+    ``straight``. Returns what each step showed, for the tests to compare."""
+    seen = {"train": ok(rnnjax("train", *args, "--out", out, "--steps", str(first), cache=root))}
+    seen["files"] = sorted(p.name for p in out.iterdir())
+    seen["checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
+    seen["metrics"] = rows(out / "metrics.jsonl")
+    at_first = shutil.copytree(out, root / f"{out.name}-at-{first}")
+    running = [
+        launch("evaluate", "--run", at_first, "--json", cache=root),
+        launch("train", *args, "--out", out, "--steps", str(total), "--resume", cache=root),
+        launch("train", *args, "--out", straight, "--steps", str(total), cache=root),
+    ]
+    evaluated, _, _ = [ok(result) for result in [finish(process) for process in running]]
+    seen["evaluate"] = json.loads(evaluated)
+    return seen

@@ -3,13 +3,12 @@ prediction, the backward direction starts at the last real step) and the real ``
 command on a tiny run."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_process import finish, launch, ok, rnnjax, rows
+from cli_process import rows, train_evaluate_resume
 
 import rnnjax as rj
 from rnnjax import cli
@@ -123,17 +122,7 @@ def runs(tmp_path_factory):
     resumed to 15, and the same run trained 15 steps without a stop, all three at once."""
     root = tmp_path_factory.mktemp("runs")
     out, straight = root / "classify", root / "straight"
-    seen = {"train": ok(rnnjax("train", *ARGS, "--out", out, "--steps", "10", cache=root))}
-    seen["files"] = sorted(p.name for p in out.iterdir())
-    seen["metrics"] = rows(out / "metrics.jsonl")
-    at_10 = shutil.copytree(out, root / "at-10")
-    running = [
-        launch("evaluate", "--run", at_10, "--json", cache=root),
-        launch("train", *ARGS, "--out", out, "--steps", "15", "--resume", cache=root),
-        launch("train", *ARGS, "--out", straight, "--steps", "15", cache=root),
-    ]
-    evaluated, _, _ = [ok(result) for result in [finish(process) for process in running]]
-    seen["evaluate"] = json.loads(evaluated)
+    seen = train_evaluate_resume(ARGS, root, out, straight, 10, 15)
     return out, seen, straight
 
 

@@ -3,14 +3,13 @@
 
 import json
 import math
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_process import finish, launch, ok, rnnjax, rows
+from cli_process import rows, train_evaluate_resume
 
 from rnnjax import cli
 from rnnjax.data.synthetic import ADDING_BASELINE_MSE, adding, copy_baseline, copy_memory
@@ -111,23 +110,12 @@ def test_cli_tbptt_is_one_line_exit_2(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the real CLI
 
 
-def train_evaluate_resume(task, root):
+def run_task(task, root):
     """Train 10 steps; then evaluate that checkpoint (on a copy), resume to 20, and train 20
     steps without a stop (into another directory), all three at once."""
     out, straight = root / task, root / f"{task}-straight"
     args = ["--task", task, *TINY, "--eval-every", "5", "--checkpoint-every", "0"]
-    seen = {"train": ok(rnnjax("train", *args, "--out", out, "--steps", "10", cache=root))}
-    seen["files"] = sorted(p.name for p in out.iterdir())
-    seen["checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
-    seen["metrics"] = rows(out / "metrics.jsonl")
-    at_10 = shutil.copytree(out, root / f"{task}-at-10")
-    running = [
-        launch("evaluate", "--run", at_10, "--json", cache=root),
-        launch("train", *args, "--out", out, "--steps", "20", "--resume", cache=root),
-        launch("train", *args, "--out", straight, "--steps", "20", cache=root),
-    ]
-    evaluated, _, _ = [ok(result) for result in [finish(process) for process in running]]
-    seen["evaluate"] = json.loads(evaluated)
+    seen = train_evaluate_resume(args, root, out, straight, 10, 20)
     return out, seen, straight
 
 
@@ -136,7 +124,7 @@ def runs(tmp_path_factory):
     """Both tasks' CLI runs, in parallel (each command is a process of its own)."""
     root = tmp_path_factory.mktemp("runs")
     with ThreadPoolExecutor(2) as pool:
-        chains = {t: pool.submit(train_evaluate_resume, t, root) for t in METRIC}
+        chains = {t: pool.submit(run_task, t, root) for t in METRIC}
         return {t: chain.result() for t, chain in chains.items()}
 
 
