@@ -29,11 +29,18 @@ class Cell(NamedTuple):
       step: ``(params, carry, x) -> (carry, y)`` with ``x`` of shape ``(input_size,)``.
         The built-in cells' step also takes ``recurrent_mask=`` (``(H,)``), multiplied into
         ``h`` where it meets ``W_h``: the hook for variational recurrent dropout.
+      sequence: optional whole-sequence fast path, ``(params, xs, carry, real, *, reverse,
+        unroll, recurrent_mask=None) -> (carry, ys)`` with ``real`` the ``(T,)`` bool mask of
+        real steps or None. It must give exactly what scanning ``step`` gives;
+        :func:`rnnjax.scan` uses it when there are no ``reset`` flags and no ``remat``.
+        The built-in cells have one (``rnnjax.cells._fused``); ``cell._replace(sequence=None)``
+        forces the step-by-step scan.
     """
 
     init: Callable[[PRNGKey, int], Params]
     initial_carry: Callable[[Params], Carry]
     step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    sequence: Callable[..., tuple[Carry, jax.Array]] | None = None
 
 
 class Layer(NamedTuple):

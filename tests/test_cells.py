@@ -17,9 +17,13 @@ LAYOUTS = {
 }
 
 
-def test_cell_is_a_namedtuple_of_pure_functions(cell):
+def test_cell_is_a_namedtuple_of_pure_functions(cell, cell_name):
     assert isinstance(cell, rj.Cell)
-    assert cell._fields == ("init", "initial_carry", "step")
+    assert cell._fields == ("init", "initial_carry", "step", "sequence")
+    # The optional whole-sequence fast path: every built-in cell has one except the
+    # reset-before GRU; a three-field Cell(init, initial_carry, step) still works.
+    assert (cell.sequence is None) == (cell_name == "gru_reset_before")
+    assert rj.Cell(cell.init, cell.initial_carry, cell.step).sequence is None
 
 
 def test_param_names_and_shapes_follow_the_design_table(cell_name, params):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from rnnjax.cells import _fused
 from rnnjax.cells._common import (
     Initializer,
     check_size,
@@ -81,4 +82,6 @@ def elman(
             h = act(x @ params["w_i"] + h_in @ params["w_h"] + params["b"])
         return h, h
 
-    return Cell(init, initial_carry, step)
+    kernels = {"tanh": _fused.ELMAN_TANH, "relu": _fused.ELMAN_RELU}
+    kernel = kernels[activation] if isinstance(activation, str) else _fused.elman_kernel(act)
+    return Cell(init, initial_carry, step, _fused.elman_sequence(kernel))

@@ -13,6 +13,7 @@ from rnnjax.cells._common import (
     default_recurrent_init,
     gate_blocks,
 )
+from rnnjax.cells._fused import gru_sequence
 from rnnjax.core import Cell, check_step_input
 
 
@@ -83,4 +84,4 @@ def gru(
             h = (1.0 - z) * n + z * h
         return h, h
 
-    return Cell(init, initial_carry, step)
+    return Cell(init, initial_carry, step, gru_sequence if reset_after else None)

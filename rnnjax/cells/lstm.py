@@ -15,6 +15,7 @@ from rnnjax.cells._common import (
     default_recurrent_init,
     gate_blocks,
 )
+from rnnjax.cells._fused import lstm_sequence
 from rnnjax.core import Cell, check_step_input
 
 
@@ -82,4 +83,4 @@ def lstm(
             h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return LSTMState(h, c), h
 
-    return Cell(init, initial_carry, step)
+    return Cell(init, initial_carry, step, lstm_sequence)

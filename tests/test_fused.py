@@ -1,0 +1,182 @@
+"""The built-in cells' whole-sequence fast path (rnnjax.cells._fused) against the step scan.
+
+``rj.scan`` takes the fast path for the built-in cells; ``cell._replace(sequence=None)`` is the
+plain step-by-step ``lax.scan`` reference. The contract tests in test_scan.py (by-hand stepping,
+loop, check_grads) already run through the fast path; this file adds forward mode, second
+order, batching, dropout, and that the weight gradients really leave the loop.
+"""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnjax as rj
+
+T, I, H, B = 5, 2, 4, 3
+
+FUSED_CELLS = {
+    "lstm": lambda **kw: rj.cells.lstm(H, **kw),
+    "gru": lambda **kw: rj.cells.gru(H, **kw),
+    "elman_tanh": lambda **kw: rj.cells.elman(H, **kw),
+    "elman_relu": lambda **kw: rj.cells.elman(H, activation="relu", **kw),
+    "elman_softsign": lambda **kw: rj.cells.elman(H, activation=jax.nn.soft_sign, **kw),
+}
+# Per-example lengths (full, partial, zero) or a mask, forwards and backwards.
+MODES = {
+    "length": {"length": True},
+    "reverse_mask": {"reverse": True, "mask": np.array([True, False, True, True, False])},
+}
+LENGTHS = np.array([T, 2, 0])
+
+
+def setup(name):
+    """A cell (float64 under enable_x64), params perturbed off their init, inputs and a
+    nonzero starting carry."""
+    dtype = jnp.result_type(float)
+    cell = FUSED_CELLS[name](dtype=dtype)
+    params = cell.init(jax.random.key(0), I)
+    keys = iter(jax.random.split(jax.random.key(1), 16))
+    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), params)
+    xs = jax.random.normal(next(keys), (B, T, I), dtype=dtype)
+    carry = jax.tree.map(lambda a: 0.3 + 0.1 * a, cell.initial_carry(params))
+    return cell, params, xs, carry
+
+
+def batched_run(cell, mode):
+    kw = dict(MODES[mode])
+    use_length = kw.pop("length", False)
+
+    def run(params, xs, carry):
+        def one(x, n):
+            length = n if use_length else None
+            return rj.scan(cell, params, x, carry, length=length, **kw)
+
+        return jax.vmap(one)(xs, jnp.asarray(LENGTHS))
+
+    return run
+
+
+def loss_of(run):
+    def loss(params, xs, carry):
+        final, ys = run(params, xs, carry)
+        return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(c**2) for c in jax.tree.leaves(final))
+
+    return loss
+
+
+def assert_close(a, b, tol=1e-12):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
+
+
+def derivatives(run):
+    """Outputs, reverse-mode gradients, forward-mode tangents and Hessian-vector products of
+    ``run`` w.r.t. params, inputs and the starting carry, under one jit."""
+    argnums = (0, 1, 2)
+
+    @jax.jit
+    def all_of_them(args, tangent):
+        grad = jax.grad(loss_of(run), argnums)
+        return (
+            run(*args),
+            grad(*args),
+            jax.jvp(run, args, tangent)[1],
+            jax.jvp(grad, args, tangent)[1],
+        )
+
+    return all_of_them
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("name", sorted(FUSED_CELLS))
+def test_fast_path_equals_step_scan_to_second_order(name, mode):
+    with jax.enable_x64(True):
+        cell, params, xs, carry = setup(name)
+        args = (params, xs, carry)
+        tangent = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape)), args)
+        fast = derivatives(batched_run(cell, mode))(args, tangent)
+        ref = derivatives(batched_run(cell._replace(sequence=None), mode))(args, tangent)
+        assert_close(fast, ref, tol=1e-10)
+
+
+def _jaxpr_text(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman_tanh"])
+def test_scan_takes_the_fast_path_and_step_scan_does_not(name):
+    cell, params, xs, carry = setup(name)
+    assert "custom_jvp_call" in _jaxpr_text(batched_run(cell, "length"), params, xs, carry)
+    plain = batched_run(cell._replace(sequence=None), "length")
+    assert "custom_jvp_call" not in _jaxpr_text(plain, params, xs, carry)
+
+
+def test_cells_without_a_fast_path():
+    # The reset-before GRU's recurrent matmul takes r * h, so it has no fast path.
+    assert rj.cells.gru(H, reset_after=False).sequence is None
+
+
+def _loop_bodies(jaxpr):
+    """Every scan/while body in a jaxpr, recursively."""
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            if eqn.primitive.name in ("scan", "while"):
+                yield sub
+            yield from _loop_bodies(sub)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_weight_gradients_are_computed_outside_the_loop(name):
+    """The reason for the fast path: no (H, G) weight-gradient matmul inside any loop body
+    of the backward pass, while the plain step scan has one per step."""
+    cell, params, xs, carry = setup(name)
+    weight_shapes = {params[w].shape for w in ("w_i", "w_h")}
+    weight_shapes |= {shape[::-1] for shape in weight_shapes}
+
+    def dots_in_loops_with_weight_shape(run):
+        grad = jax.grad(loss_of(run))
+        jaxpr = jax.make_jaxpr(grad)(params, xs, carry).jaxpr
+        return [
+            eqn
+            for body in _loop_bodies(jaxpr)
+            for eqn in body.eqns
+            if eqn.primitive.name == "dot_general"
+            and tuple(eqn.outvars[0].aval.shape) in weight_shapes
+        ]
+
+    assert dots_in_loops_with_weight_shape(batched_run(cell, "length")) == []
+    plain = batched_run(cell._replace(sequence=None), "length")
+    assert dots_in_loops_with_weight_shape(plain) != []
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman_tanh"])
+def test_recurrent_dropout_on_the_fast_path_equals_the_step_path(name):
+    with jax.enable_x64(True):
+        cell, params, xs, _ = setup(name)
+        layer = rj.layers.rnn(cell, recurrent_dropout=0.5, input_dropout=0.25)
+        key = jax.random.key(5)
+
+        def loss(layer):
+            def f(params, xs):
+                return jnp.sum(jnp.sin(layer.apply(params, xs, length=3, key=key)[1]))
+
+            return f
+
+        # Same key, same masks: the layer draws them before choosing the path.
+        step_layer = rj.layers.rnn(
+            cell._replace(sequence=None), recurrent_dropout=0.5, input_dropout=0.25
+        )
+        assert_close(loss(layer)(params, xs[0]), loss(step_layer)(params, xs[0]))
+        assert_close(
+            jax.grad(loss(layer))(params, xs[0]), jax.grad(loss(step_layer))(params, xs[0])
+        )
+
+
+def test_fast_path_rejects_wrong_input_size_with_the_step_message():
+    cell = rj.cells.lstm(H)
+    params = cell.init(jax.random.key(0), I)
+    with pytest.raises(ValueError, match=r"lstm.step expects x of shape \(2,\), got \(5,\)"):
+        rj.scan(cell, params, jnp.ones((T, 5)))
