@@ -19,7 +19,7 @@ import numpy as np
 
 from rnnjax.cells._common import Initializer, check_size, default_bias_init, default_input_init
 from rnnjax.core import Cell, Layer, check_option, output_size
-from rnnjax.scan import _check_remat, _check_unroll, scan, step_mask
+from rnnjax.scan import Remat, _check_remat, _check_unroll, scan, step_mask
 
 MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "concat": lambda a, b: jnp.concatenate([a, b], axis=-1),
@@ -45,7 +45,7 @@ def rnn(
     *,
     reverse: bool = False,
     unroll: int | bool = 1,
-    remat: bool = False,
+    remat: Remat = False,
     input_dropout: float = 0.0,
     recurrent_dropout: float = 0.0,
     zoneout: float = 0.0,
@@ -53,7 +53,9 @@ def rnn(
     """A layer that scans ``cell`` over the sequence; params are the cell's params.
 
     ``apply`` returns ``(carry, ys)``: the cell's carry after the last real step and its outputs
-    ``(T, H)``. ``reverse``, ``unroll`` and ``remat`` are passed to :func:`rnnjax.scan`.
+    ``(T, H)``. ``reverse``, ``unroll`` and ``remat`` are passed to :func:`rnnjax.scan`;
+    ``remat`` (``True``, an int ``k`` or ``"sqrt"``) trades compute for BPTT memory over long
+    sequences and is checked here, when the layer is made.
 
     Regularizers, active only when ``apply`` gets a ``key`` (``key=None`` is evaluation):
 
@@ -91,14 +93,16 @@ def rnn(
 
     def regularized(params, xs, key) -> tuple[Cell, Any]:
         """The cell and inputs to scan, with this sequence's dropout masks and zoneout."""
-        step, k_in, k_rec, k_zone = cell.step, *_split(key, 3)
+        step, sequence, k_in, k_rec, k_zone = cell.step, cell.sequence, *_split(key, 3)
         if p_in and key is not None:
             xs = xs * _dropout(jnp.ones(np.shape(xs)[1:], xs.dtype), p_in, k_in)
         if p_rec and key is not None:
             mask = _dropout(jnp.ones(params["w_h"].shape[:1], params["w_h"].dtype), p_rec, k_rec)
             step = functools.partial(step, recurrent_mask=mask)
+            if sequence is not None:
+                sequence = functools.partial(sequence, recurrent_mask=mask)
         if not p_zone:
-            return Cell(cell.init, cell.initial_carry, step), xs
+            return Cell(cell.init, cell.initial_carry, step, sequence), xs
 
         def zoned(params, carry, inputs):
             x, k = inputs

@@ -8,10 +8,24 @@ means the first ``n`` steps are real (right padding); ``mask`` marks real steps 
 ``reverse=True`` runs the real steps from last to first and keeps outputs aligned with the
 input positions, so a reverse pass over right-padded input needs no flipping by the caller.
 The returned carry is the carry after the last real step.
+
+Memory of backpropagation through time (``remat=``): plain BPTT stores every step's
+intermediates, so memory grows with T times the cell's activations. ``remat=True`` recomputes
+each step in the backward pass and stores only the carry of every step; ``remat=k`` stores the
+carry every ``k`` steps and recomputes each ``k``-step segment (its intermediates live only while
+that segment's backward runs); ``remat="sqrt"`` picks ``k = round(sqrt(T))``, so about
+``sqrt(T)`` carries plus one segment's intermediates are kept, for the cost of one extra forward
+pass. Results and gradients are the same in every mode. No mode shrinks the returned outputs
+``ys`` (T x output_size per example) or, in the backward pass, their cotangent: when the loss
+reads every ``ys``, both are held in full at once. For a loss that is a sum over steps, compute
+each step's term inside the step (a cell whose output is that term) and neither is stored.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
 from typing import Any
 
 import jax
@@ -90,9 +104,20 @@ def _check_unroll(unroll: Any, where: str) -> None:
         raise ValueError(f"{where} expects unroll to be a positive int or True, got {unroll!r}")
 
 
+Remat = bool | int | str
+
+
 def _check_remat(remat: Any, where: str) -> None:
-    if not isinstance(remat, bool):
-        raise ValueError(f"{where} expects remat to be True or False, got {remat!r}")
+    ok = (
+        isinstance(remat, bool)
+        or (isinstance(remat, int | np.integer) and remat >= 1)
+        or (isinstance(remat, str) and remat == "sqrt")
+    )
+    if not ok:
+        raise ValueError(
+            f"{where} expects remat to be True or False, a positive int k (keep the carry every "
+            f"k steps) or 'sqrt' (k = round(sqrt(T))), got {remat!r}"
+        )
 
 
 def _prepare(cell, params, xs, carry, length, mask, reset, where):
@@ -115,7 +140,7 @@ def _prepare(cell, params, xs, carry, length, mask, reset, where):
     return carry, (xs, real, reset), steps
 
 
-def _step_fn(cell: Cell, params: Params, remat: bool):
+def _step_fn(cell: Cell, params: Params):
     """``(carry, (x, real, reset)) -> (carry, y)``, the body of the scan."""
 
     def step(carry, inputs):
@@ -130,7 +155,109 @@ def _step_fn(cell: Cell, params: Params, remat: bool):
         y = jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), y)
         return carry, y
 
-    return jax.checkpoint(step) if remat else step
+    return step
+
+
+# Rematerialization (remat=): which steps' carries are stored, how segments are recomputed.
+
+
+def _segment_steps(remat: Remat, steps: int) -> int | None:
+    """Steps per checkpointed segment: None (store everything) or k in [1, max(T, 1)]."""
+    if remat is False:
+        return None
+    if remat is True:
+        return 1
+    k = max(1, round(math.sqrt(steps))) if isinstance(remat, str) else operator.index(remat)
+    return max(1, min(k, steps))
+
+
+def _scan_segments(step, carry, inputs, steps: int, k: int, reverse: bool, unroll):
+    """``lax.scan(step, ...)`` that stores the carry only every ``k`` steps.
+
+    An outer scan runs over ceil(T/k) segments; its body, a ``jax.checkpoint``-ed inner scan of
+    ``k`` steps, is recomputed segment by segment in the backward pass. Segments cover
+    positions ``[0, k), [k, 2k), ...`` in either direction (``reverse`` runs both scans
+    backwards); positions past T in the last segment are steps that are not real (the carry is
+    kept, the output dropped). Each step reads its inputs from ``xs`` by position instead of
+    scanning over a reshaped copy: under ``vmap`` that copy would be a time-major transpose of
+    the whole input, as large as one layer's activations at long T.
+    """
+    segments = -(-steps // k)
+    xs, real, reset = inputs
+    padded = segments * k != steps
+
+    def at(t):
+        """The inputs of the step at position ``t`` (clipped to T - 1 past the end)."""
+        i = jnp.minimum(t, steps - 1)
+        pick = lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
+        x, r, z = jax.tree.map(pick, (xs, real, reset))
+        if padded:
+            r = t < steps if r is None else r & (t < steps)
+        return x, r, z
+
+    # Inside a scan the recomputation cannot be merged with the forward pass, so the CSE
+    # barrier of prevent_cse=True would only cost time (jax.checkpoint's docs).
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def segment(carry, first):
+        def step_at(carry, t):
+            return step(carry, at(t))
+
+        return lax.scan(step_at, carry, first + jnp.arange(k), reverse=reverse, unroll=unroll)
+
+    carry, ys = lax.scan(segment, carry, jnp.arange(segments) * k, reverse=reverse)
+    unfold = lambda a: a.reshape(segments * k, *a.shape[2:])[:steps]  # noqa: E731
+    return carry, jax.tree.map(unfold, ys)
+
+
+def _scan_remat(step, carry, inputs, steps: int, remat: Remat, reverse: bool, unroll):
+    """``lax.scan`` of ``step`` under the memory plan ``remat`` (see the module docstring)."""
+    k = _segment_steps(remat, steps)
+    if k is None:
+        return lax.scan(step, carry, inputs, reverse=reverse, unroll=unroll)
+    if k == 1:
+        step = jax.checkpoint(step, prevent_cse=False)
+        return lax.scan(step, carry, inputs, reverse=reverse, unroll=unroll)
+    return _scan_segments(step, carry, inputs, steps, k, reverse, unroll)
+
+
+def _loop_remat(step, carry, inputs, steps: int, remat: Remat, reverse: bool):
+    """A Python loop of ``step`` over ``steps >= 1`` positions, each block of ``k`` positions
+    ``[0, k), [k, 2k), ...`` checkpointed as one unit when ``remat`` asks for it."""
+    k = _segment_steps(remat, steps)
+
+    def block(carry, block_inputs):
+        n = jax.tree.leaves(block_inputs)[0].shape[0]
+        ys = [None] * n
+        for t in reversed(range(n)) if reverse else range(n):
+            carry, ys[t] = step(carry, jax.tree.map(lambda a, t=t: a[t], block_inputs))
+        return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+    if k is None:
+        return block(carry, inputs)
+    # Outside a scan, jit's CSE could merge the recomputation into the forward pass, so the
+    # checkpoint keeps its default prevent_cse=True.
+    block = jax.checkpoint(block)
+    starts = list(range(0, steps, k))
+    ys = [None] * len(starts)
+    for i in reversed(range(len(starts))) if reverse else range(len(starts)):
+        part = jax.tree.map(lambda a, i=i: a[starts[i] : starts[i] + k], inputs)
+        carry, ys[i] = block(carry, part)
+    return carry, jax.tree.map(lambda *y: jnp.concatenate(y), *ys)
+
+
+def _fast_path(cell: Cell, xs: Any, reset: Any, remat: Remat) -> bool:
+    """Whether :func:`scan` runs the cell's whole-sequence ``sequence`` instead of its step.
+
+    The built-in cells' fast path (``rnnjax.cells._fused``) computes the same values with the
+    weight-gradient work moved out of the loop; it covers masks, ``reverse`` and ``unroll``,
+    while ``reset`` flags, ``remat`` and pytree inputs take the step-by-step scan.
+    """
+    return (
+        cell.sequence is not None
+        and reset is None
+        and remat is False
+        and isinstance(xs, jax.Array | np.ndarray)
+    )
 
 
 def scan(
@@ -144,7 +271,7 @@ def scan(
     reset: Any = None,
     reverse: bool = False,
     unroll: int | bool = 1,
-    remat: bool = False,
+    remat: Remat = False,
 ) -> tuple[Carry, Any]:
     """Run ``cell`` over ``xs`` with ``jax.lax.scan``.
 
@@ -159,8 +286,14 @@ def scan(
         concatenated sequences): the carry is replaced by ``cell.initial_carry(params)`` just
         before that step is run, in either direction.
       reverse: run from the last real step to the first; outputs stay aligned with ``xs``.
-      unroll: steps per ``lax.scan`` loop iteration (``True``: fully unrolled).
-      remat: recompute each step in the backward pass instead of storing its intermediates.
+      unroll: steps per ``lax.scan`` loop iteration (``True``: fully unrolled); with an int
+        ``remat`` it unrolls the scan inside each segment.
+      remat: what BPTT stores (results and gradients are the same in every mode).
+        ``False``: every step's intermediates. ``True``: only each step's carry; each step is
+        recomputed in the backward pass. An int ``k >= 1``: the carry every ``k`` steps; each
+        ``k``-step segment is recomputed in the backward pass (memory ~ ``T/k`` carries plus one
+        segment's intermediates; ``k >= T`` keeps only the starting carry). ``"sqrt"``:
+        ``k = round(sqrt(T))``, for long sequences.
 
     Returns:
       ``(carry, ys)``: the carry after the last real step and the outputs, ``(T, output_size)``,
@@ -172,13 +305,24 @@ def scan(
     >>> h, ys = rj.scan(cell, params, jnp.ones((5, 3)), length=3)
     >>> ys.shape, bool((ys[3:] == 0).all()), bool((h == ys[2]).all())
     ((5, 8), True, True)
+
+    BPTT over a long sequence, storing the carry every ``round(sqrt(T))`` = 32 steps:
+
+    >>> xs = jnp.ones((1000, 3))
+    >>> bptt = lambda remat: jax.grad(
+    ...     lambda p: jnp.sum(rj.scan(cell, p, xs, remat=remat)[1] ** 2))(params)["w_h"]
+    >>> stored, recomputed = bptt(False), bptt("sqrt")
+    >>> bool(jnp.abs(stored - recomputed).max() <= 1e-4 * jnp.abs(stored).max())
+    True
     """
     where = "rnnjax.scan"
     _check_unroll(unroll, where)
     _check_remat(remat, where)
-    carry, inputs, _ = _prepare(cell, params, xs, carry, length, mask, reset, where)
-    step = _step_fn(cell, params, remat)
-    return lax.scan(step, carry, inputs, reverse=bool(reverse), unroll=unroll)
+    carry, inputs, steps = _prepare(cell, params, xs, carry, length, mask, reset, where)
+    if _fast_path(cell, xs, reset, remat):
+        return cell.sequence(params, xs, carry, inputs[1], reverse=bool(reverse), unroll=unroll)
+    step = _step_fn(cell, params)
+    return _scan_remat(step, carry, inputs, steps, remat, bool(reverse), unroll)
 
 
 def loop(
@@ -192,13 +336,14 @@ def loop(
     reset: Any = None,
     reverse: bool = False,
     unroll: int | bool = 1,
-    remat: bool = False,
+    remat: Remat = False,
 ) -> tuple[Carry, Any]:
     """:func:`scan`'s call and results, run as a plain Python loop over time.
 
     Under ``jit`` this traces T copies of the step (the "unrolled" baseline); outside ``jit``
     it runs op by op. ``unroll`` is accepted for call compatibility and has no effect (a Python
-    loop is fully unrolled); ``remat`` wraps each step in ``jax.checkpoint``.
+    loop is fully unrolled); ``remat`` wraps each step (``True``) or each block of ``k`` steps
+    (an int, ``"sqrt"``) in ``jax.checkpoint``.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.elman(4)
@@ -211,12 +356,9 @@ def loop(
     _check_unroll(unroll, where)
     _check_remat(remat, where)
     carry, inputs, steps = _prepare(cell, params, xs, carry, length, mask, reset, where)
-    step = _step_fn(cell, params, remat)
+    step = _step_fn(cell, params)
     if steps == 0:
         x_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
         y_spec = jax.eval_shape(lambda c, x: cell.step(params, c, x)[1], carry, x_spec)
         return carry, jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), y_spec)
-    ys = [None] * steps
-    for t in reversed(range(steps)) if reverse else range(steps):
-        carry, ys[t] = step(carry, jax.tree.map(lambda a, t=t: a[t], inputs))
-    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+    return _loop_remat(step, carry, inputs, steps, remat, bool(reverse))

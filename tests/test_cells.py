@@ -20,9 +20,9 @@ LAYOUTS = {
 def test_cell_is_a_namedtuple_of_pure_functions(cell, cell_name):
     assert isinstance(cell, rj.Cell)
     assert cell._fields == ("init", "initial_carry", "step", "sequence")
-    # The optional whole-sequence fast path: every built-in cell has one except the
-    # reset-before GRU; a three-field Cell(init, initial_carry, step) still works.
-    assert (cell.sequence is None) == (cell_name == "gru_reset_before")
+    # The optional whole-sequence fast path is opt-in (fused=True, tests/test_fused.py); a
+    # three-field Cell(init, initial_carry, step) still works.
+    assert cell.sequence is None
     assert rj.Cell(cell.init, cell.initial_carry, cell.step).sequence is None
 
 

@@ -1,9 +1,9 @@
 """The built-in cells' whole-sequence fast path (rnnjax.cells._fused) against the step scan.
 
-``rj.scan`` takes the fast path for the built-in cells; ``cell._replace(sequence=None)`` is the
-plain step-by-step ``lax.scan`` reference. The contract tests in test_scan.py (by-hand stepping,
-loop, check_grads) already run through the fast path; this file adds forward mode, second
-order, batching, dropout, and that the weight gradients really leave the loop.
+``rj.scan`` takes the fast path for cells made with ``fused=True``; the same cell with
+``sequence=None`` is the plain step-by-step ``lax.scan``, itself checked against stepping by
+hand, PyTorch and finite differences elsewhere. Here: values, reverse-mode gradients, forward
+mode and second order, batching, masks, dropout, and that the weight gradients leave the loop.
 """
 
 import jax
@@ -17,14 +17,15 @@ import rnnjax as rj
 T, I, H, B = 5, 2, 4, 3
 
 FUSED_CELLS = {
-    "lstm": lambda **kw: rj.cells.lstm(H, **kw),
-    "gru": lambda **kw: rj.cells.gru(H, **kw),
-    "elman_tanh": lambda **kw: rj.cells.elman(H, **kw),
-    "elman_relu": lambda **kw: rj.cells.elman(H, activation="relu", **kw),
-    "elman_softsign": lambda **kw: rj.cells.elman(H, activation=jax.nn.soft_sign, **kw),
+    "lstm": lambda **kw: rj.cells.lstm(H, fused=True, **kw),
+    "gru": lambda **kw: rj.cells.gru(H, fused=True, **kw),
+    "elman_tanh": lambda **kw: rj.cells.elman(H, fused=True, **kw),
+    "elman_relu": lambda **kw: rj.cells.elman(H, activation="relu", fused=True, **kw),
+    "elman_softsign": lambda **kw: rj.cells.elman(H, activation=jax.nn.soft_sign, fused=True, **kw),
 }
 # Per-example lengths (full, partial, zero) or a mask, forwards and backwards.
 MODES = {
+    "reverse": {"reverse": True},
     "length": {"length": True},
     "reverse_mask": {"reverse": True, "mask": np.array([True, False, True, True, False])},
 }
@@ -114,9 +115,14 @@ def test_scan_takes_the_fast_path_and_step_scan_does_not(name):
     assert "custom_jvp_call" not in _jaxpr_text(plain, params, xs, carry)
 
 
-def test_cells_without_a_fast_path():
+def test_fast_path_is_opt_in():
+    assert rj.cells.lstm(H).sequence is None
+    assert rj.cells.lstm(H, fused=True).sequence is not None
     # The reset-before GRU's recurrent matmul takes r * h, so it has no fast path.
-    assert rj.cells.gru(H, reset_after=False).sequence is None
+    with pytest.raises(ValueError, match=r"reset_after=False\) has no fused fast path"):
+        rj.cells.gru(H, reset_after=False, fused=True)
+    with pytest.raises(TypeError, match="fused must be True or False, got 'yes'"):
+        rj.cells.elman(H, fused="yes")
 
 
 def _loop_bodies(jaxpr):
@@ -176,7 +182,7 @@ def test_recurrent_dropout_on_the_fast_path_equals_the_step_path(name):
 
 
 def test_fast_path_rejects_wrong_input_size_with_the_step_message():
-    cell = rj.cells.lstm(H)
+    cell = rj.cells.lstm(H, fused=True)
     params = cell.init(jax.random.key(0), I)
     with pytest.raises(ValueError, match=r"lstm.step expects x of shape \(2,\), got \(5,\)"):
         rj.scan(cell, params, jnp.ones((T, 5)))

@@ -10,6 +10,8 @@ import sys
 from typing import Any
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "equinox", "rnnjax")
+# Environment variables that change how fast the same program runs.
+ENV_PREFIXES = ("XLA_", "JAX_", "TF_CPP_", "OMP_", "MKL_", "OPENBLAS_", "CUDA_VISIBLE_DEVICES")
 
 
 def _version(name: str) -> str | None:
@@ -31,11 +33,12 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU, JAX devices, package versions, XLA flags and the time, as plain JSON.
+    """Platform, CPU, JAX devices, package versions, XLA flags, the environment variables that
+    set threads and JAX/XLA options, and the time, as plain JSON.
 
     >>> info = machine_info()
-    >>> sorted(info)[:3], info["versions"]["jax"] is not None
-    (['cpu_count', 'cpu_model', 'date'], True)
+    >>> {"cpu_model", "cpu_count", "date", "env"} <= set(info), info["versions"]["jax"] is not None
+    (True, True)
     """
     import jax
 
@@ -50,4 +53,5 @@ def machine_info() -> dict[str, Any]:
         "devices": [f"{d.platform}:{getattr(d, 'device_kind', '?')}" for d in devices],
         "versions": {name: _version(name) for name in PACKAGES},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
     }

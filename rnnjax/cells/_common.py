@@ -31,3 +31,9 @@ def gate_blocks(
     keys = jax.random.split(key, gates)
     blocks = [init(k, (rows, hidden), wide) for k in keys]
     return jnp.concatenate(blocks, axis=1).astype(dtype)
+
+
+def check_fused(fused: bool) -> bool:
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be True or False, got {fused!r}")
+    return fused

@@ -34,20 +34,26 @@ from jax import lax
 from rnnjax.core import check_step_input
 
 State = tuple  # (h,) or (h, c): h first, the output
-Res = tuple  # per-step values the tangent needs
+Coef = tuple  # per-step coefficients of the step's linearization
 
 
 class Kernel(NamedTuple):
     """The pointwise part of a cell step, for :func:`sequence`.
 
     Attributes:
-      forward: ``(a, r, state) -> (new_state, res)``; ``a`` and ``r`` are the input and
-        recurrent projections of one step, ``state`` a tuple whose first entry is ``h``.
-      tangent: ``(res, state, da, dr, dstate) -> dnew_state``, linear in ``(da, dr, dstate)``.
+      forward: ``(a, r, state) -> (new_state, coef)``; ``a`` and ``r`` are the input and
+        recurrent projections of one step, ``state`` a tuple whose first entry is ``h``, and
+        ``coef`` the arrays the step's tangent multiplies by.
+      tangent: ``(coef, da, dr, dstate) -> dnew_state``, linear in ``(da, dr, dstate)``. It
+        must only multiply and add tangents with ``coef`` (no other function of ``coef``):
+        then JAX's linearization has nothing to split off into a second forward loop.
+      additive: ``a`` and ``r`` only enter as ``a + r`` (LSTM, Elman), so their tangents can
+        be summed before the loop: one stacked array instead of two.
     """
 
-    forward: Callable[[jax.Array, jax.Array, State], tuple[State, Res]]
-    tangent: Callable[[Res, State, jax.Array, jax.Array, State], State]
+    forward: Callable[[jax.Array, jax.Array, State], tuple[State, Coef]]
+    tangent: Callable[[Coef, jax.Array, jax.Array, State], State]
+    additive: bool
 
 
 # The forward's input projection x_t @ W_i + b_i: inside the loop, one (B, I) @ (I, G) matmul per
@@ -55,16 +61,16 @@ class Kernel(NamedTuple):
 PER_STEP_INPUT = True
 
 
-def _where(real, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(real, n, o), new, old)
-
-
 @functools.cache
 def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
     """The custom_jvp sequence function for one kernel and scan configuration."""
 
-    def run(w_i, b_i, w_h, b_h, xs, state0, real):
-        """Primal: ``(ys, final_state, per-step residuals, per-step entering states)``."""
+    def run(w_i, b_i, w_h, b_h, xs, state0, real, *, linearize=True):
+        """Primal: ``(ys, final_state, coefficients, h entering each step, real-step masks)``,
+        the last three None unless ``linearize``.
+
+        The masks are stored broadcast to the state's shapes so that the tangent loop only
+        selects with them (a broadcast there would be split off into an extra loop)."""
 
         def body(state, inputs):
             x_t, m = inputs
@@ -72,45 +78,53 @@ def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
             r_t = state[0] @ w_h
             if b_h is not None:
                 r_t = r_t + b_h
-            new, res = kernel.forward(a_t, r_t, state)
+            new, coef = kernel.forward(a_t, r_t, state)
+            if not linearize:
+                coef = None
             if m is None:
-                return new, (new[0], res, state)
-            new = _where(m, new, state)
-            return new, (jnp.where(m, new[0], jnp.zeros_like(new[0])), res, state)
+                return new, (new[0], coef, state[0] if linearize else None, None)
+            keep = tuple(jnp.broadcast_to(m, s.shape) for s in state)
+            new = tuple(jnp.where(k, n, s) for k, n, s in zip(keep, new, state, strict=True))
+            saved = (state[0], keep) if linearize else (None, None)
+            return new, (jnp.where(keep[0], new[0], 0), coef, *saved)
 
         a = xs if PER_STEP_INPUT else xs @ w_i + b_i
-        final, (ys, res, entering) = lax.scan(
+        final, (ys, coef, h_in, keep) = lax.scan(
             body, state0, (a, real), reverse=reverse, unroll=unroll
         )
-        return ys, final, res, entering
+        return ys, final, coef, h_in, keep
 
     @jax.custom_jvp
     def seq(w_i, b_i, w_h, b_h, xs, state0, real):
-        ys, final, _, _ = run(w_i, b_i, w_h, b_h, xs, state0, real)
+        ys, final, *_ = run(w_i, b_i, w_h, b_h, xs, state0, real, linearize=False)
         return ys, final
 
     @seq.defjvp
     def seq_jvp(primals, tangents):
         w_i, b_i, w_h, b_h, xs, state0, real = primals
         dw_i, db_i, dw_h, db_h, dxs, dstate0, _ = tangents
-        ys, final, res, entering = run(w_i, b_i, w_h, b_h, xs, state0, real)
+        ys, final, coef, h_in, keep = run(w_i, b_i, w_h, b_h, xs, state0, real)
         # Everything linear in a weight (or input) tangent, for all steps at once.
         da = dxs @ w_i + xs @ dw_i + db_i
-        dr_w = entering[0] @ dw_h
+        dr_w = h_in @ dw_h
         if db_h is not None:
             dr_w = dr_w + db_h
+        if kernel.additive:
+            da, dr_w = da + dr_w, None
 
         def body(dstate, inputs):
-            res_t, state_t, da_t, dr_w_t, m = inputs
-            dr_t = dstate[0] @ w_h + dr_w_t
-            dnew = kernel.tangent(res_t, state_t, da_t, dr_t, dstate)
-            if m is None:
+            coef_t, da_t, dr_w_t, keep_t = inputs
+            dr_t = dstate[0] @ w_h
+            if dr_w_t is not None:
+                dr_t = dr_t + dr_w_t
+            dnew = kernel.tangent(coef_t, da_t, dr_t, dstate)
+            if keep_t is None:
                 return dnew, dnew[0]
-            dnew = _where(m, dnew, dstate)
-            return dnew, jnp.where(m, dnew[0], jnp.zeros_like(dnew[0]))
+            dnew = tuple(jnp.where(k, n, s) for k, n, s in zip(keep_t, dnew, dstate, strict=True))
+            return dnew, jnp.where(keep_t[0], dnew[0], 0)
 
         dfinal, dys = lax.scan(
-            body, dstate0, (res, entering, da, dr_w, real), reverse=reverse, unroll=unroll
+            body, tuple(dstate0), (coef, da, dr_w, keep), reverse=reverse, unroll=unroll
         )
         return (ys, final), (dys, dfinal)
 
@@ -141,90 +155,74 @@ def sequence(
 # ----------------------------------------------------------------------------- kernels
 
 
+def _blocks(v, n):
+    return jnp.split(v, n, axis=-1)
+
+
 def _lstm_forward(a, r, state):
-    h, c = state
-    zi, zf, zg, zo = jnp.split(a + r, 4, axis=-1)
+    _, c = state
+    zi, zf, zg, zo = _blocks(a + r, 4)
     i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
     c2 = f * c + i * g
     tc = jnp.tanh(c2)
-    return (o * tc, c2), (i, f, g, o, tc)
+    # d c2 = (i' g) dzi + (f' c) dzf + (i g') dzg + f dc;  d h2 = (o' tanh c2) dzo + o tanh'(c2) dc2
+    gates = jnp.concatenate(
+        [i * (1 - i) * g, f * (1 - f) * c, i * (1 - g * g), o * (1 - o) * tc], axis=-1
+    )
+    return (o * tc, c2), (gates, f, o * (1 - tc * tc))
 
 
-def _lstm_tangent(res, state, da, dr, dstate):
-    i, f, g, o, tc = res
-    _, c = state
+def _lstm_tangent(coef, da, dr, dstate):
+    gates, f, out = coef
     _, dc = dstate
-    dzi, dzf, dzg, dzo = jnp.split(da + dr, 4, axis=-1)
-    dc2 = (f * (1 - f) * dzf) * c + f * dc + (i * (1 - i) * dzi) * g + i * ((1 - g * g) * dzg)
-    dh2 = (o * (1 - o) * dzo) * tc + o * (1 - tc * tc) * dc2
-    return (dh2, dc2)
+    di, df, dg, do = _blocks(gates * (da + dr), 4)
+    dc2 = di + df + dg + f * dc
+    return (do + out * dc2, dc2)
 
 
-LSTM = Kernel(_lstm_forward, _lstm_tangent)
+LSTM = Kernel(_lstm_forward, _lstm_tangent, additive=True)
 
 
 def _gru_forward(a, r, state):
     (h,) = state
-    ar, az, an = jnp.split(a, 3, axis=-1)
-    rr, rz, rn = jnp.split(r, 3, axis=-1)
+    ar, az, an = _blocks(a, 3)
+    rr, rz, rn = _blocks(r, 3)
     reset = jax.nn.sigmoid(ar + rr)
     update = jax.nn.sigmoid(az + rz)
     n = jnp.tanh(an + reset * rn)
-    return ((1.0 - update) * n + update * h,), (reset, update, n, rn)
+    # h' = (1 - z) n + z h:  dh' = kn (dan + dreset rn + reset drn) + z' (h - n) (daz + drz) + z dh
+    kn = (1 - update) * (1 - n * n)
+    kr = kn * rn * reset * (1 - reset)
+    kz = update * (1 - update) * (h - n)
+    into_a = jnp.concatenate([kr, kz, kn], axis=-1)
+    into_r = jnp.concatenate([kr, kz, kn * reset], axis=-1)
+    return ((1.0 - update) * n + update * h,), (into_a, into_r, update)
 
 
-def _gru_tangent(res, state, da, dr, dstate):
-    reset, update, n, rn = res
-    (h,) = state
+def _gru_tangent(coef, da, dr, dstate):
+    into_a, into_r, update = coef
     (dh,) = dstate
-    dar, daz, dan = jnp.split(da, 3, axis=-1)
-    drr, drz, drn = jnp.split(dr, 3, axis=-1)
-    dreset = reset * (1 - reset) * (dar + drr)
-    dupdate = update * (1 - update) * (daz + drz)
-    dn = (1 - n * n) * (dan + dreset * rn + reset * drn)
-    return ((1.0 - update) * dn + (h - n) * dupdate + update * dh,)
+    parts = _blocks(into_a * da + into_r * dr, 3)
+    return (parts[0] + parts[1] + parts[2] + update * dh,)
 
 
-GRU = Kernel(_gru_forward, _gru_tangent)
-
-
-def _tanh_forward(a, r, state):
-    h = jnp.tanh(a + r)
-    return (h,), (h,)
-
-
-def _tanh_tangent(res, state, da, dr, dstate):
-    (h,) = res
-    return ((1 - h * h) * (da + dr),)
-
-
-def _relu_forward(a, r, state):
-    pre = a + r
-    return (jax.nn.relu(pre),), (pre > 0,)
-
-
-def _relu_tangent(res, state, da, dr, dstate):
-    (positive,) = res
-    return (jnp.where(positive, da + dr, 0.0),)
-
-
-ELMAN_TANH = Kernel(_tanh_forward, _tanh_tangent)
-ELMAN_RELU = Kernel(_relu_forward, _relu_tangent)
+GRU = Kernel(_gru_forward, _gru_tangent, additive=False)
 
 
 @functools.cache
 def elman_kernel(activation: Callable[[jax.Array], jax.Array]) -> Kernel:
-    """A kernel for any elementwise activation: its tangent is ``jax.jvp`` of the activation."""
+    """The Elman kernel for an elementwise activation; its slope comes from ``jax.jvp``."""
 
     def forward(a, r, state):
         pre = a + r
-        return (activation(pre),), (pre,)
+        h, slope = jax.jvp(activation, (pre,), (jnp.ones_like(pre),))
+        return (h,), (slope,)
 
-    def tangent(res, state, da, dr, dstate):
-        (pre,) = res
-        return (jax.jvp(activation, (pre,), (da + dr,))[1],)
+    def tangent(coef, da, dr, dstate):
+        (slope,) = coef
+        return (slope * (da + dr),)
 
-    return Kernel(forward, tangent)
+    return Kernel(forward, tangent, additive=True)
 
 
 def _inputs(name: str, params: dict, xs, recurrent_mask):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from rnnjax.cells import _fused
 from rnnjax.cells._common import (
     Initializer,
+    check_fused,
     check_size,
     default_bias_init,
     default_input_init,
@@ -32,6 +33,7 @@ def elman(
     recurrent_init: Initializer = default_recurrent_init,
     bias_init: Initializer = default_bias_init,
     dtype: jnp.dtype = jnp.float32,
+    fused: bool = False,
 ) -> Cell:
     """An Elman RNN cell, PyTorch's ``nn.RNN`` step.
 
@@ -44,6 +46,9 @@ def elman(
       activation: ``"tanh"``, ``"relu"`` or any elementwise function.
       input_init, recurrent_init, bias_init: ``(key, shape, dtype) -> array`` initializers.
       dtype: dtype of the params and the initial carry.
+      fused: attach the whole-sequence fast path (``rnnjax.cells._fused``): same values and
+        derivatives, with the weight-gradient matmuls moved out of the BPTT loop. Off by
+        default because on CPU it measured slower than the step scan (BENCHMARKS.md).
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.elman(4)
@@ -82,6 +87,5 @@ def elman(
             h = act(x @ params["w_i"] + h_in @ params["w_h"] + params["b"])
         return h, h
 
-    kernels = {"tanh": _fused.ELMAN_TANH, "relu": _fused.ELMAN_RELU}
-    kernel = kernels[activation] if isinstance(activation, str) else _fused.elman_kernel(act)
-    return Cell(init, initial_carry, step, _fused.elman_sequence(kernel))
+    sequence = _fused.elman_sequence(_fused.elman_kernel(act)) if check_fused(fused) else None
+    return Cell(init, initial_carry, step, sequence)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from rnnjax.cells._common import (
     Initializer,
+    check_fused,
     check_size,
     default_bias_init,
     default_input_init,
@@ -25,6 +26,7 @@ def gru(
     recurrent_init: Initializer = default_recurrent_init,
     bias_init: Initializer = default_bias_init,
     dtype: jnp.dtype = jnp.float32,
+    fused: bool = False,
 ) -> Cell:
     """A GRU cell, PyTorch's ``nn.GRU`` step when ``reset_after=True``.
 
@@ -38,6 +40,9 @@ def gru(
 
     PyTorch's ``weight_ih_l0`` is ``w_i.T``, ``weight_hh_l0`` is ``w_h.T``, ``bias_ih_l0`` is
     ``b_i`` and ``bias_hh_l0`` is ``b_h``. Both forms have the same params.
+
+    ``fused=True`` attaches the whole-sequence fast path (reset-after only; see
+    :func:`rnnjax.cells.lstm`).
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.gru(4, reset_after=False)
@@ -84,4 +89,9 @@ def gru(
             h = (1.0 - z) * n + z * h
         return h, h
 
-    return Cell(init, initial_carry, step, gru_sequence if reset_after else None)
+    if check_fused(fused) and not reset_after:
+        raise ValueError(
+            "gru(reset_after=False) has no fused fast path: its recurrent matmul takes r * h, "
+            "not h; use fused=False or reset_after=True"
+        )
+    return Cell(init, initial_carry, step, gru_sequence if fused else None)

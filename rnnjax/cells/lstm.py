@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from rnnjax.cells._common import (
     Initializer,
+    check_fused,
     check_size,
     default_bias_init,
     default_input_init,
@@ -34,6 +35,7 @@ def lstm(
     recurrent_init: Initializer = default_recurrent_init,
     bias_init: Initializer = default_bias_init,
     dtype: jnp.dtype = jnp.float32,
+    fused: bool = False,
 ) -> Cell:
     """An LSTM cell, PyTorch's ``nn.LSTM`` step.
 
@@ -48,6 +50,9 @@ def lstm(
       input_init, recurrent_init, bias_init: ``(key, shape, dtype) -> array`` initializers; the
         weight initializers are called once per gate block of shape ``(I, H)`` / ``(H, H)``.
       dtype: dtype of the params and the initial carry.
+      fused: attach the whole-sequence fast path (``rnnjax.cells._fused``): same values and
+        derivatives, with the weight-gradient matmuls moved out of the BPTT loop. Off by
+        default because on CPU it measured slower than the step scan (BENCHMARKS.md).
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.lstm(4)
@@ -83,4 +88,4 @@ def lstm(
             h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return LSTMState(h, c), h
 
-    return Cell(init, initial_carry, step, lstm_sequence)
+    return Cell(init, initial_carry, step, lstm_sequence if check_fused(fused) else None)

@@ -1,0 +1,492 @@
+"""rnnjax against the other recurrent implementations, on the same machine and the same inputs.
+
+For each shape ``(B, T, I, H)`` and cell (LSTM, GRU), every candidate runs one layer over the
+same ``(B, T, I)`` float32 standard-normal inputs, forward (all outputs ``(B, T, H)``) and
+forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to all params):
+
+- ``rnnjax``: ``rj.layers.rnn(cell).apply`` under ``jax.vmap`` (the reference for ratios);
+- ``flax-linen``: ``nn.RNN`` with ``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell``;
+- ``flax-nnx``: ``nnx.RNN`` with the same three cells, split into params and the rest with
+  ``nnx.split`` and merged inside ``jax.jit`` (the XLA program, not ``nnx.jit``'s Python graph
+  traversal), with a zero initial carry passed in;
+- ``equinox``: ``eqx.nn.LSTMCell`` / ``GRUCell`` under ``lax.scan`` and ``jax.vmap``;
+- ``torch``: ``nn.LSTM`` / ``nn.GRU`` in their native time-major layout ``(T, B, I)`` (the same
+  numbers, transposed once before timing), forward under ``torch.no_grad()``, fwd+bwd as
+  ``loss.backward()`` into the params' ``.grad``; on CUDA only when JAX is on a GPU too;
+- ``jax-cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN; GPU only, "unavailable" elsewhere).
+
+Every candidate initializes its own params with its own defaults; the timed work is the same.
+A peer whose package is not installed is reported as ``"not installed"``. All candidates of one
+shape and cell are timed interleaved in one worker process (see :mod:`rnnjax.bench._harness`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rnnjax.bench import _harness
+from rnnjax.bench._harness import MODES, Group, Program, Unavailable
+
+SUITE = "peers"
+CELLS = ("lstm", "gru")
+SHAPES = ((16, 256, 32, 64), (32, 128, 64, 256), (64, 64, 128, 512))
+REFERENCE = "rnnjax"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer implementation: the module that must be importable, and its candidates per cell."""
+
+    module: str
+    cells: dict[str, tuple[str, ...]]
+
+
+PEERS: dict[str, Peer] = {
+    "flax-linen": Peer(
+        "flax",
+        {
+            "lstm": ("flax.linen LSTMCell", "flax.linen OptimizedLSTMCell"),
+            "gru": ("flax.linen GRUCell",),
+        },
+    ),  # fmt: skip
+    "flax-nnx": Peer(
+        "flax",
+        {"lstm": ("flax.nnx LSTMCell", "flax.nnx OptimizedLSTMCell"), "gru": ("flax.nnx GRUCell",)},
+    ),
+    "equinox": Peer("equinox", {"lstm": ("equinox LSTMCell",), "gru": ("equinox GRUCell",)}),
+    "torch": Peer("torch", {"lstm": ("torch nn.LSTM",), "gru": ("torch nn.GRU",)}),
+    "jax-cudnn": Peer("jax", {"lstm": ("jax.experimental.rnn.lstm",)}),
+}
+
+
+# ------------------------------------------------------------------------- in the worker
+
+
+def _rnnjax(cell, shape, xs):
+    import jax
+
+    import rnnjax as rj
+
+    layer = rj.layers.rnn(getattr(rj.cells, cell)(shape[3]))
+    params = layer.init(jax.random.key(0), shape[2])
+    return lambda p, x: jax.vmap(lambda one: layer.apply(p, one)[1])(x), params
+
+
+def _linen(name):
+    def make(cell, shape, xs):
+        import flax.linen as nn
+        import jax
+
+        model = nn.RNN(getattr(nn, name)(features=shape[3]))
+        params = model.init(jax.random.key(0), xs)["params"]
+        return lambda p, x: model.apply({"params": p}, x), params
+
+    return make
+
+
+def _nnx(name):
+    def make(cell, shape, xs):
+        from flax import nnx
+
+        batch, _, input_size, hidden = shape
+        model = nnx.RNN(getattr(nnx, name)(input_size, hidden, rngs=nnx.Rngs(0)))
+        carry = model.cell.initialize_carry((batch, input_size), nnx.Rngs(1))
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        return lambda p, x: nnx.merge(graph, p, rest)(x, initial_carry=carry), params
+
+    return make
+
+
+def _equinox(name):
+    def make(cell, shape, xs):
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+
+        hidden = shape[3]
+        module = getattr(eqx.nn, name)(shape[2], hidden, key=jax.random.key(0))
+        params, static = eqx.partition(module, eqx.is_array)
+        lstm = name == "LSTMCell"
+
+        def forward(p, x):
+            step_fn = eqx.combine(p, static)
+
+            def one(seq):
+                h = jnp.zeros(hidden, seq.dtype)
+
+                def step(carry, xt):
+                    new = step_fn(xt, carry)
+                    return new, new[0] if lstm else new
+
+                return jax.lax.scan(step, (h, h) if lstm else h, seq)[1]
+
+            return jax.vmap(one)(x)
+
+        return forward, params
+
+    return make
+
+
+def _cudnn(cell, shape, xs):
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "gpu":
+        raise Unavailable(f"runs only on a GPU (cuDNN); the backend is {jax.default_backend()}")
+    from jax.experimental import rnn
+
+    batch, steps, input_size, hidden = shape
+    weights = rnn.init_lstm_weight(jax.random.key(0), input_size, hidden, 1, False)
+    h0 = jnp.zeros((1, batch, hidden), xs.dtype)
+    lengths = jnp.full((batch,), steps, jnp.int32)
+
+    def forward(w, x):
+        return rnn.lstm(x, h0, h0, w, lengths, input_size, hidden, 1, 0.0, False)[0]
+
+    return forward, weights
+
+
+JAX_CANDIDATES: dict[str, Callable] = {
+    "rnnjax": _rnnjax,
+    "flax.linen LSTMCell": _linen("LSTMCell"),
+    "flax.linen OptimizedLSTMCell": _linen("OptimizedLSTMCell"),
+    "flax.linen GRUCell": _linen("GRUCell"),
+    "flax.nnx LSTMCell": _nnx("LSTMCell"),
+    "flax.nnx OptimizedLSTMCell": _nnx("OptimizedLSTMCell"),
+    "flax.nnx GRUCell": _nnx("GRUCell"),
+    "equinox LSTMCell": _equinox("LSTMCell"),
+    "equinox GRUCell": _equinox("GRUCell"),
+    "jax.experimental.rnn.lstm": _cudnn,
+}
+TORCH_CANDIDATES = {"torch nn.LSTM": "LSTM", "torch nn.GRU": "GRU"}
+
+
+def _jax_programs(candidate, cell, shape, xs):
+    import jax
+    import jax.numpy as jnp
+
+    def make(mode):
+        forward, params = JAX_CANDIDATES[candidate](cell, shape, xs)
+        out = jax.eval_shape(forward, params, xs)
+        batch, steps, _, hidden = shape
+        if out.shape != (batch, steps, hidden):
+            raise ValueError(f"{candidate} gave outputs {out.shape}, not {(batch, steps, hidden)}")
+        if mode == "fwd":
+            return forward, (params, xs)
+
+        def forward_backward(p, x):
+            return jax.value_and_grad(lambda q: jnp.sum(forward(q, x) ** 2))(p)
+
+        return forward_backward, (params, xs)
+
+    return [_harness.jax_program(candidate, m, lambda m=m: make(m)) for m in MODES]
+
+
+def _torch_programs(candidate, cell, shape, xs):
+    def build(mode):
+        import jax
+        import numpy as np
+        import torch
+
+        cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+        device = "cuda" if cuda else "cpu"
+        torch.manual_seed(0)
+        batch, steps, input_size, hidden = shape
+        module = getattr(torch.nn, TORCH_CANDIDATES[candidate])(input_size, hidden).to(device)
+        params = list(module.parameters())
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(xs).transpose(1, 0, 2))).to(device)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if tuple(module(x)[0].shape) != (steps, batch, hidden):
+            raise ValueError(f"{candidate} gave outputs of an unexpected shape")
+
+        if mode == "fwd":
+
+            def run():
+                with torch.no_grad():
+                    module(x)
+                sync()
+        else:
+
+            def run():
+                for p in params:
+                    p.grad = None
+                out, _ = module(x)
+                (out**2).sum().backward()
+                sync()
+
+        notes = {
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "layout": "time-major (T, B, I), the module's native layout",
+            "forward": "under torch.no_grad()" if mode == "fwd" else "autograd",
+        }
+        return run, {"trace_s": None, "compile_s": None, "memory": None, "notes": notes}
+
+    return [Program(candidate, m, lambda m=m: build(m)) for m in MODES]
+
+
+def programs(*, cell: str, batch: int, T: int, input_size: int, hidden: int, candidates: list):
+    """The worker's side: one :class:`Program` per ``(candidate, mode)`` for one shape and cell."""
+    import jax
+
+    shape = (batch, T, input_size, hidden)
+    xs = jax.random.normal(jax.random.key(1), (batch, T, input_size))
+    out = []
+    for candidate in candidates:
+        make = _torch_programs if candidate in TORCH_CANDIDATES else _jax_programs
+        out.extend(make(candidate, cell, shape, xs))
+    return out
+
+
+# ------------------------------------------------------------------------- in the parent
+
+
+def installed(peer: str) -> bool:
+    """Whether ``peer``'s package can be imported here (checked without importing it)."""
+    return importlib.util.find_spec(PEERS[peer].module) is not None
+
+
+def peers(
+    *,
+    shapes: Sequence[Sequence[int]] = SHAPES,
+    cells: Sequence[str] = CELLS,
+    peers: Sequence[str] | None = None,
+    repeats: int = 10,
+    compile_timeout: float = 60.0,
+    min_sample_s: float = _harness.MIN_SAMPLE_S,
+    progress: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Measure rnnjax and its peers, per shape and cell, forward and forward+backward.
+
+    Args:
+      shapes: ``(B, T, I, H)`` tuples.
+      cells: among ``"lstm"``, ``"gru"``.
+      peers: names from :data:`PEERS` (default: all of them); rnnjax is always measured.
+      repeats, compile_timeout, progress: as in :func:`rnnjax.bench.scan_vs_unroll`.
+
+    Returns:
+      ``{"suite": "peers", ..., "results": [...], "summary": [...]}``. Each result row has
+      ``batch``, ``T``, ``input_size``, ``hidden``, ``shape`` (``"BxTxIxH"``), ``cell``,
+      ``peer``, ``candidate``, ``mode``, ``status`` (``"ok"``, ``"not installed"``,
+      ``"unavailable"``, ``"timed out"``, ``"error"``) and, when ok, the timing fields,
+      ``vs_reference`` and, for peers, ``rnnjax_over_peer`` (rnnjax's time over the peer's:
+      below 1 means rnnjax is faster) and ``speedup`` (its inverse). ``summary`` has one entry
+      per shape, cell, mode and peer: that peer's fastest candidate and its ratios.
+    """
+    names = list(PEERS) if peers is None else list(dict.fromkeys(peers))
+    for name in names:
+        if name not in PEERS:
+            raise ValueError(f"peers must be among {', '.join(PEERS)}; got {name!r}")
+    cells = list(dict.fromkeys(cells))
+    for cell in cells:
+        if cell not in CELLS:
+            raise ValueError(f"cells must be among {', '.join(CELLS)}; got {cell!r}")
+    shapes = [_check_shape(s) for s in shapes]
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not compile_timeout >= 0:
+        raise ValueError(f"compile_timeout must be >= 0 seconds, got {compile_timeout!r}")
+    config = {
+        "shapes": [list(s) for s in shapes], "cells": cells, "peers": names, "repeats": repeats,
+        "compile_timeout": float(compile_timeout), "min_sample_s": min_sample_s,
+        "dtype": "float32",
+    }  # fmt: skip
+    available = {name: installed(name) for name in names}
+    owner = {REFERENCE: REFERENCE}
+    groups = []
+    for shape in shapes:
+        batch, steps, input_size, hidden = shape
+        fields = {"shape": "x".join(map(str, shape)), "batch": batch, "T": steps,
+                  "input_size": input_size, "hidden": hidden, "cell": None}  # fmt: skip
+        for cell in cells:
+            candidates, missing = [REFERENCE], []
+            for name in names:
+                for candidate in PEERS[name].cells.get(cell, ()):
+                    owner[candidate] = name
+                    (candidates if available[name] else missing).append(candidate)
+            here = {**fields, "cell": cell}
+            groups.append(
+                Group(
+                    label=f"{cell} {here['shape']}",
+                    fields=here,
+                    kwargs={
+                        "cell": cell,
+                        "batch": batch,
+                        "T": steps,
+                        "input_size": input_size,
+                        "hidden": hidden,
+                        "candidates": candidates,
+                    },  # fmt: skip
+                    keys=[(c, m) for c in candidates for m in MODES],
+                    extra_rows=[
+                        {
+                            **here,
+                            "candidate": c,
+                            "mode": m,
+                            "status": "not installed",
+                            "error": f"{PEERS[owner[c]].module} is not installed",
+                        }  # fmt: skip
+                        for c in missing
+                        for m in MODES
+                    ],
+                )
+            )
+    rows, machine = _harness.run_groups(
+        f"{__name__}:programs", groups, reference=REFERENCE, repeats=repeats,
+        compile_timeout=compile_timeout, min_sample_s=min_sample_s, progress=progress,
+        # On a GPU, JAX would take 75% of its memory up front and leave PyTorch too little.
+        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+    )  # fmt: skip
+    for row in rows:
+        row["peer"] = owner[row["candidate"]]
+        if row["peer"] != REFERENCE and row.get("vs_reference"):
+            row["speedup"] = row["vs_reference"]
+            row["rnnjax_over_peer"] = 1.0 / row["vs_reference"]
+        threads = (row.get("notes") or {}).get("torch_threads")
+        if threads is not None:
+            machine.setdefault("torch_threads", threads)
+    method = _harness.methodology(
+        reference=REFERENCE, repeats=repeats, min_sample_s=min_sample_s,
+        compile_timeout=compile_timeout,
+    )  # fmt: skip
+    result = _harness.document(
+        SUITE, command=command or _harness.python_call("peers", config), config=config,
+        machine=machine, method=method, rows=rows,
+    )  # fmt: skip
+    result["summary"] = summary(rows)
+    return result
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    shape = tuple(shape)
+    if len(shape) != 4 or not all(isinstance(n, int) and n >= 1 for n in shape):
+        raise ValueError(f"each shape must be 4 positive ints (B, T, I, H); got {shape!r}")
+    return shape
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape, cell, mode and peer: the peer's fastest candidate against rnnjax."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        if row["peer"] == REFERENCE or row["status"] != "ok" or not row.get("vs_reference"):
+            continue
+        key = (row["shape"], row["cell"], row["mode"], row["peer"])
+        if key not in best or row["time_s"] < best[key]["time_s"]:
+            best[key] = row
+    return [
+        {
+            "shape": r["shape"],
+            "cell": r["cell"],
+            "mode": r["mode"],
+            "peer": r["peer"],
+            "fastest": r["candidate"],
+            "time_s": r["time_s"],
+            "rnnjax_time_s": r["time_s"] / r["vs_reference"],
+            "rnnjax_over_peer": r["rnnjax_over_peer"],
+            "speedup": r["speedup"],
+        }  # fmt: skip
+        for r in best.values()
+    ]
+
+
+# ------------------------------------------------------------------------- report
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One block per shape and cell: each candidate's forward and fwd+bwd median time and
+    ``rnnjax/peer`` (rnnjax's time over the candidate's: below 1 means rnnjax is faster)."""
+    rows = result["results"]
+    blocks = []
+    for shape, cell in dict.fromkeys((r["shape"], r["cell"]) for r in rows):
+        here = [r for r in rows if r["shape"] == shape and r["cell"] == cell]
+        by = {(r["candidate"], r["mode"]): r for r in here}
+        lines = []
+        for candidate in dict.fromkeys(r["candidate"] for r in here):
+            line = [candidate]
+            for mode in MODES:
+                row = by.get((candidate, mode))
+                line += [_ms(row), _ratio(row)]
+            lines.append(line)
+        header = ["candidate", "fwd ms", "rnnjax/peer", "fwd+bwd ms", "rnnjax/peer"]
+        blocks.append(f"{cell}  B x T x I x H = {shape}\n" + _harness.table(header, lines))
+    config = result["config"]
+    threads = result["machine"].get("torch_threads")
+    head = f"rnnjax vs peers: median of {config['repeats']} interleaved rounds" + (
+        f"; torch threads {threads}" if threads else ""
+    )
+    return "\n\n".join([head, *blocks])
+
+
+def _ms(row):
+    if row is None:
+        return "-"
+    if row["status"] != "ok":
+        return row["status"]
+    return f"{row['time_s'] * 1e3:.3g}"
+
+
+def _ratio(row):
+    if row is None or row["status"] != "ok" or row["candidate"] == REFERENCE:
+        return ""
+    value = row.get("rnnjax_over_peer")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot_peers(result: dict[str, Any], path: str | Path) -> None:
+    """Bars of each peer's median time over rnnjax's (above 1: rnnjax is faster), one panel per
+    cell and mode, grouped by shape; rnnjax's own time is in the shape's label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = result["results"]
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(
+        len(cells), len(MODES), figsize=(6.5 * len(MODES), 3.6 * len(cells)), squeeze=False
+    )
+    for i, cell in enumerate(cells):
+        names = list(
+            dict.fromkeys(
+                r["candidate"] for r in rows if r["cell"] == cell and r.get("speedup") is not None
+            )
+        )
+        for j, mode in enumerate(MODES):
+            ax = axes[i][j]
+            by = {
+                (r["shape"], r["candidate"]): r
+                for r in rows
+                if r["cell"] == cell and r["mode"] == mode
+            }
+            width = 0.8 / max(1, len(names))
+            for k, name in enumerate(names):
+                values = [
+                    (by.get((s, name)) or {}).get("speedup") or np.nan for s in shapes
+                ]  # fmt: skip
+                ax.bar(np.arange(len(shapes)) + k * width, values, width, label=name)
+            labels = []
+            for s in shapes:
+                ref = by.get((s, REFERENCE))
+                ms = f"{ref['time_s'] * 1e3:.3g} ms" if ref and ref["status"] == "ok" else "-"
+                labels.append(f"{s}\nrnnjax {ms}")
+            ax.set_xticks(np.arange(len(shapes)) + 0.4 - width / 2, labels, fontsize=7)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylabel("peer time / rnnjax time")
+            ax.set_title(f"{cell}, {mode}", fontsize=9)
+            ax.grid(True, axis="y", alpha=0.3)
+        axes[i][0].legend(fontsize=7)
+    fig.suptitle(
+        f"rnnjax vs peers ({result['machine'].get('backend', '?')}, "
+        f"{result['machine'].get('cpu_model', '?')})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,279 @@
+"""rnnjax bench at tiny sizes: both suites through the Python API, the compile time limit (a
+candidate killed mid-compile while the others are measured), a peer that is not installed, the
+CLI as a real process, and bad CLI input (exit status 2, one line)."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rnnjax.bench as bench
+from rnnjax import cli
+
+peers_module = importlib.import_module("rnnjax.bench.peers")
+PNG = b"\x89PNG\r\n\x1a\n"
+# min_sample_s: a sample of the tiny programs needs only a few ms, not the default 20.
+TINY = {"batch": 2, "input_size": 3, "hidden": 8, "min_sample_s": 0.005}
+MODES = ("fwd", "fwd+bwd")
+
+
+@pytest.fixture(scope="module")
+def scan_result():
+    """lstm at T = 4 and 8; the Python loop gets a compile limit of 0 s, which expires the
+    moment the worker announces that compile (deterministically), so at T=4 the worker is
+    killed, and a fresh worker compiles and times the scans without it."""
+    return bench.scan_vs_unroll(
+        cells=("lstm",), lengths=(8, 4), unrolls=(4, "loop"), repeats=2,
+        compile_timeouts={"loop": 0.0}, **TINY,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def peers_result():
+    """Every peer at one tiny shape, plus a registered peer whose package does not exist."""
+    missing = peers_module.Peer("rnnjax_no_such_package", {"lstm": ("missing LSTM",)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(peers_module.PEERS, "missing", missing)
+        return bench.peers(
+            shapes=((2, 4, 3, 8),), cells=("lstm", "gru"), repeats=2, min_sample_s=0.005
+        )
+
+
+def check_document(result, suite):
+    assert result["suite"] == suite and result["schema"] == 1
+    assert isinstance(result["command"], str) and result["command"]
+    machine = result["machine"]
+    assert machine["cpu_count"] >= 1 and machine["versions"]["jax"] and machine["backend"]
+    assert {"reference", "compile", "memory", "statistic", "repeats"} <= set(result["methodology"])
+    assert json.loads(json.dumps(result)) == result  # plain JSON
+
+
+def check_ok(row):
+    assert row["status"] == "ok", row
+    assert row["time_s"] > 0 and row["min_s"] <= row["time_s"] <= max(row["samples_s"])
+    assert len(row["samples_s"]) == 2 and row["calls_per_sample"] >= 1
+    assert row["iqr_s"] == pytest.approx(row["q3_s"] - row["q1_s"])
+
+
+def test_scan_vs_unroll_schema_and_ratios(scan_result):
+    check_document(scan_result, "scan-vs-unroll")
+    assert scan_result["config"]["lengths"] == [4, 8]
+    assert scan_result["config"]["unrolls"] == [1, 4, "loop"]  # the reference is always added
+    rows = scan_result["results"]
+    assert [(r["T"], r["candidate"], r["mode"]) for r in rows] == [
+        (T, c, m)
+        for T in (4, 8)
+        for c in ("scan(unroll=1)", "scan(unroll=4)", "loop")
+        for m in ("fwd", "fwd+bwd")
+    ]
+    for row in rows:
+        assert row["cell"] == "lstm"
+        if row["candidate"] == "loop":
+            continue
+        check_ok(row)
+        assert row["trace_s"] > 0 and row["compile_s"] > 0
+        memory = row["memory"]
+        total = memory["temp_bytes"] + memory["argument_bytes"] + memory["output_bytes"]
+        assert memory["peak_bytes"] == total > 0
+        ref = next(
+            r for r in rows
+            if (r["T"], r["mode"], r["candidate"]) == (row["T"], row["mode"], "scan(unroll=1)")
+        )  # fmt: skip
+        assert row["vs_reference"] == pytest.approx(row["time_s"] / ref["time_s"])
+    peak = {
+        r["T"]: r["memory"]["peak_bytes"]
+        for r in rows
+        if r["candidate"] == "scan(unroll=1)" and r["mode"] == "fwd+bwd"
+    }
+    assert peak[8] > peak[4]  # the inputs and outputs alone grow with T
+
+
+def test_compile_timeout_kills_that_candidate_and_skips_it_at_larger_t(scan_result):
+    loop = {(r["T"], r["mode"]): r for r in scan_result["results"] if r["candidate"] == "loop"}
+    assert all(r["status"] == "timed out" and r["compile_timeout_s"] == 0 for r in loop.values())
+    assert "time_s" not in loop[(4, "fwd")]
+    assert loop[(4, "fwd")]["reason"] == "trace + compile ran past 0 s"
+    assert loop[(4, "fwd+bwd")]["reason"] == "not tried: fwd timed out"
+    assert loop[(8, "fwd")]["reason"] == "not tried: timed out at a smaller size (lstm T=4)"
+    assert loop[(8, "fwd+bwd")]["reason"] == loop[(8, "fwd")]["reason"]
+    text = importlib.import_module("rnnjax.bench.scan_vs_unroll").format_table(scan_result)
+    assert "lstm  T=8" in text and "timed out" in text and "> 0" in text
+
+
+def test_peers_schema_ratios_and_missing_peer(peers_result):
+    check_document(peers_result, "peers")
+    rows = peers_result["results"]
+    by = {(r["cell"], r["candidate"], r["mode"]): r for r in rows}
+    expected = {
+        "lstm": ["rnnjax", "flax.linen LSTMCell", "flax.linen OptimizedLSTMCell",
+                 "flax.nnx LSTMCell", "flax.nnx OptimizedLSTMCell", "equinox LSTMCell",
+                 "torch nn.LSTM", "jax.experimental.rnn.lstm", "missing LSTM"],
+        "gru": ["rnnjax", "flax.linen GRUCell", "flax.nnx GRUCell", "equinox GRUCell",
+                "torch nn.GRU"],
+    }  # fmt: skip
+    assert sorted(by) == sorted((c, n, m) for c in expected for n in expected[c] for m in MODES)
+    gpu = peers_result["machine"]["backend"] == "gpu"
+    for (cell, name, mode), row in by.items():
+        assert row["shape"] == "2x4x3x8" and (row["batch"], row["T"], row["hidden"]) == (2, 4, 8)
+        if name == "missing LSTM":
+            assert row["status"] == "not installed" and row["peer"] == "missing"
+            assert "rnnjax_no_such_package is not installed" in row["error"]
+            continue
+        if name == "jax.experimental.rnn.lstm" and not gpu:
+            assert row["status"] == "unavailable" and "GPU" in row["error"]
+            continue
+        check_ok(row)
+        ref = by[(cell, "rnnjax", mode)]
+        assert row["vs_reference"] == pytest.approx(row["time_s"] / ref["time_s"])
+        if name != "rnnjax":
+            assert row["rnnjax_over_peer"] == pytest.approx(ref["time_s"] / row["time_s"])
+            assert row["speedup"] == pytest.approx(1 / row["rnnjax_over_peer"])
+        if name.startswith("torch"):
+            assert row["trace_s"] is None and row["memory"] is None
+            assert row["notes"]["torch_threads"] == peers_result["machine"]["torch_threads"] >= 1
+            assert row["notes"]["layout"].startswith("time-major")
+        else:
+            assert row["compile_s"] > 0 and row["memory"]["peak_bytes"] > 0
+    linen = [
+        s for s in peers_result["summary"]
+        if (s["cell"], s["mode"], s["peer"]) == ("lstm", "fwd+bwd", "flax-linen")
+    ]  # fmt: skip
+    assert len(linen) == 1
+    fastest = min(
+        ("flax.linen LSTMCell", "flax.linen OptimizedLSTMCell"),
+        key=lambda n: by[("lstm", n, "fwd+bwd")]["time_s"],
+    )
+    assert linen[0]["fastest"] == fastest
+    text = peers_module.format_table(peers_result)
+    assert "not installed" in text and "rnnjax/peer" in text and "gru  B x T x I x H" in text
+
+
+def test_plots_are_pngs(scan_result, peers_result, tmp_path):
+    bench.plot_scan_vs_unroll(scan_result, tmp_path / "s.png")
+    bench.plot_peers(peers_result, tmp_path / "p.png")
+    for name in ("s.png", "p.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_cli_runs_a_suite_as_a_process(tmp_path):
+    out = tmp_path / "bench"
+    args = ["--cells", "gru", "--lengths", "3", "--batch", "2", "--input-size", "3", "--hidden",
+            "4", "--unrolls", "full,loop", "--repeats", "2", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rnnjax.cli", "bench", "scan-vs-unroll", *args],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((out / "scan-vs-unroll.json").read_text())
+    assert (out / "scan-vs-unroll.png").read_bytes()[:8] == PNG
+    check_document(result, "scan-vs-unroll")
+    assert result["command"].startswith("rnnjax bench scan-vs-unroll --cells=gru --lengths=3")
+    assert result["config"]["hidden"] == 4 and result["config"]["unrolls"] == [1, "full", "loop"]
+    assert len(result["results"]) == 6
+    for row in result["results"]:
+        check_ok(row)
+    assert "gru  T=3" in done.stdout and "scan(unroll=True)" in done.stdout
+    assert f"wrote {out / 'scan-vs-unroll.json'}" in done.stdout
+
+
+def test_cli_writes_replaces_its_own_result_and_refuses_others(
+    peers_result, tmp_path, monkeypatch, capsys
+):
+    calls = []
+
+    def fake_peers(**kwargs):
+        calls.append(kwargs)
+        return peers_result
+
+    monkeypatch.setattr(peers_module, "peers", fake_peers)
+    out = tmp_path / "out"
+    argv = ["bench", "peers", "--shapes", "2x4x3x8", "--cells", "gru", "--peers", "torch",
+            "--repeats", "3", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert calls[0]["shapes"] == ((2, 4, 3, 8),) and calls[0]["cells"] == ("gru",)
+    assert calls[0]["peers"] == ("torch",) and calls[0]["repeats"] == 3
+    assert calls[0]["command"].startswith("rnnjax bench peers --shapes=2x4x3x8 --cells=gru")
+    assert json.loads((out / "peers.json").read_text()) == peers_result
+    assert (out / "peers.png").read_bytes()[:8] == PNG
+    assert "rnnjax/peer" in capsys.readouterr().out
+    assert cli.main(argv) == 0  # a previous peers result is replaced
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "peers.json").write_text('{"not": "a bench result"}')
+    assert cli.main([*argv[:-1], str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a previous peers result" in err
+    assert (foreign / "peers.json").read_text() == '{"not": "a bench result"}'
+    assert len(calls) == 2  # refused before any work
+
+
+def test_cli_memory_calls_the_memory_suite(tmp_path, monkeypatch, capsys):
+    memory_module = importlib.import_module("rnnjax.bench.memory")
+    seen = {}
+
+    def fake_memory(**kwargs):
+        seen.update(kwargs)
+        row = {"T": 4, "mode": "none", "status": "ok", "peak_bytes": 1024}
+        return {"suite": "memory", "config": {}, "machine": {}, "results": [row]}
+
+    def fake_plot(result, path):
+        path.write_bytes(PNG)
+
+    monkeypatch.setattr(memory_module, "memory", fake_memory)
+    monkeypatch.setattr(memory_module, "plot_memory", fake_plot)
+    argv = ["bench", "memory", "--cell", "gru", "--lengths", "4,16", "--hidden", "8", "--batch",
+            "2", "--input-size", "3", "--modes", "none,sqrt,4", "--timeout", "30",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert (
+        seen["cell"] == "gru"
+        and seen["lengths"] == (4, 16)
+        and seen["modes"] == ("none", "sqrt", 4)
+    )
+    assert (seen["hidden"], seen["batch"], seen["input_size"], seen["timeout"]) == (8, 2, 3, 30.0)
+    result = json.loads((tmp_path / "memory.json").read_text())
+    assert result["command"].startswith("rnnjax bench memory --cell=gru")
+    assert "peak_bytes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["scan-vs-unroll", "--lengths", "4,x"],
+         "--lengths: expected comma-separated positive integers like 16,64,256, got '4,x'"),
+        (["scan-vs-unroll", "--lengths", "0"], "positive integers"),
+        (["scan-vs-unroll", "--cells", "lstm,tree"], "'tree' is not one"),
+        (["scan-vs-unroll", "--unrolls", "2,half"], "positive ints, full or loop, got '2,half'"),
+        (["scan-vs-unroll", "--compile-timeout", "0"], "--compile-timeout: expected a number > 0"),
+        (["scan-vs-unroll", "--repeats", "x"], "--repeats: expected a int, got 'x'"),
+        (["peers", "--shapes", "16x256x32"], "BxTxIxH shapes"),
+        (["peers", "--peers", "torch,mxnet"], "'mxnet' is not one"),
+        (["peers", "--cells", "elman"], "from lstm,gru"),
+        (["memory", "--modes", "none,half"], "none, step, sqrt or ints, got 'none,half'"),
+        (["memory", "--lengths", ""], "positive integers"),
+        (["sorting"], "invalid choice: 'sorting'"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys, tmp_path):
+    assert cli.main(["bench", *argv, "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("rnnjax bench")
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_file_as_out_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["bench", "peers", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_python_api_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="cells must be among lstm, gru, elman; got 'rnn'"):
+        bench.scan_vs_unroll(cells=("rnn",))
+    with pytest.raises(ValueError, match="peers must be among .*; got 'mxnet'"):
+        bench.peers(peers=("mxnet",))
+    with pytest.raises(ValueError, match=r"each shape must be 4 positive ints \(B, T, I, H\)"):
+        bench.peers(shapes=((1, 2, 3),))
