@@ -43,56 +43,60 @@ class Kernel(NamedTuple):
     Attributes:
       forward: ``(a, r, state) -> (new_state, coef)``; ``a`` and ``r`` are the input and
         recurrent projections of one step, ``state`` a tuple whose first entry is ``h``, and
-        ``coef`` the arrays the step's tangent multiplies by.
-      tangent: ``(coef, da, dr, dstate) -> dnew_state``, linear in ``(da, dr, dstate)``. It
-        must only multiply and add tangents with ``coef`` (no other function of ``coef``):
-        then JAX's linearization has nothing to split off into a second forward loop.
+        ``coef`` one array of the coefficients of the step's linearization.
+      tangent: ``(row, da, dr, dstate) -> dnew_state`` with ``row = [h, coef]`` (concatenated
+        on the last axis), linear in ``(da, dr, dstate)``. It may only multiply ``row`` as a
+        whole with tangents (slice the products, not ``row``): any other operation on ``row``
+        would be split off by JAX's linearization into a second forward loop that stacks its
+        results.
       additive: ``a`` and ``r`` only enter as ``a + r`` (LSTM, Elman), so their tangents can
         be summed before the loop: one stacked array instead of two.
     """
 
-    forward: Callable[[jax.Array, jax.Array, State], tuple[State, Coef]]
-    tangent: Callable[[Coef, jax.Array, jax.Array, State], State]
+    forward: Callable[[jax.Array, jax.Array, State], tuple[State, jax.Array]]
+    tangent: Callable[[jax.Array, jax.Array, jax.Array, State], State]
     additive: bool
-
-
-# The forward's input projection x_t @ W_i + b_i: inside the loop, one (B, I) @ (I, G) matmul per
-# step, or hoisted before it as one (T*B, I) @ (I, G) matmul. The tangent's is always hoisted.
-PER_STEP_INPUT = True
 
 
 @functools.cache
 def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
-    """The custom_jvp sequence function for one kernel and scan configuration."""
+    """The custom_jvp sequence function for one kernel and scan configuration.
+
+    Every stacked output of a loop costs a dynamic-update-slice per step, so the linearizing
+    forward stacks two arrays: ``packed = [y, coefficients]`` and, for the weight tangents,
+    ``xh = [x, h entering the step]`` (one matmul with ``[dW_i; dW_h]`` after the loop, and in
+    reverse mode one ``xh^T @ dz`` for both weight gradients).
+    """
 
     def run(w_i, b_i, w_h, b_h, xs, state0, real, *, linearize=True):
-        """Primal: ``(ys, final_state, coefficients, h entering each step, real-step masks)``,
-        the last three None unless ``linearize``.
+        """Primal: ``(ys or packed, final_state, xh, real-step masks, coefficient sizes)``.
 
         The masks are stored broadcast to the state's shapes so that the tangent loop only
         selects with them (a broadcast there would be split off into an extra loop)."""
+        pack_x = linearize and xs.dtype == state0[0].dtype
 
         def body(state, inputs):
             x_t, m = inputs
-            a_t = x_t @ w_i + b_i if PER_STEP_INPUT else x_t
+            # The forward's input projection stays in the loop: hoisted as one (T*B, I) @ (I, G)
+            # matmul before it, it measured no faster on CPU (PERF-NOTES.md); the tangent's is.
+            a_t = x_t @ w_i + b_i
             r_t = state[0] @ w_h
             if b_h is not None:
                 r_t = r_t + b_h
             new, coef = kernel.forward(a_t, r_t, state)
+            keep = None
+            if m is not None:
+                keep = tuple(jnp.broadcast_to(m, s.shape) for s in state)
+                new = tuple(jnp.where(k, n, s) for k, n, s in zip(keep, new, state, strict=True))
+            y = new[0] if m is None else jnp.where(keep[0], new[0], 0)
             if not linearize:
-                coef = None
-            if m is None:
-                return new, (new[0], coef, state[0] if linearize else None, None)
-            keep = tuple(jnp.broadcast_to(m, s.shape) for s in state)
-            new = tuple(jnp.where(k, n, s) for k, n, s in zip(keep, new, state, strict=True))
-            saved = (state[0], keep) if linearize else (None, None)
-            return new, (jnp.where(keep[0], new[0], 0), coef, *saved)
+                return new, (y, None, None)
+            packed = jnp.concatenate([y, coef], axis=-1)
+            xh = jnp.concatenate([x_t, state[0]], axis=-1) if pack_x else state[0]
+            return new, (packed, xh, keep)
 
-        a = xs if PER_STEP_INPUT else xs @ w_i + b_i
-        final, (ys, coef, h_in, keep) = lax.scan(
-            body, state0, (a, real), reverse=reverse, unroll=unroll
-        )
-        return ys, final, coef, h_in, keep
+        final, (out, xh, keep) = lax.scan(body, state0, (xs, real), reverse=reverse, unroll=unroll)
+        return out, final, xh, keep, pack_x
 
     @jax.custom_jvp
     def seq(w_i, b_i, w_h, b_h, xs, state0, real):
@@ -103,28 +107,35 @@ def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
     def seq_jvp(primals, tangents):
         w_i, b_i, w_h, b_h, xs, state0, real = primals
         dw_i, db_i, dw_h, db_h, dxs, dstate0, _ = tangents
-        ys, final, coef, h_in, keep = run(w_i, b_i, w_h, b_h, xs, state0, real)
+        packed, final, xh, keep, pack_x = run(w_i, b_i, w_h, b_h, xs, state0, real)
+        hidden = state0[0].shape[-1]
+        ys = packed[..., :hidden]
         # Everything linear in a weight (or input) tangent, for all steps at once.
-        da = dxs @ w_i + xs @ dw_i + db_i
-        dr_w = h_in @ dw_h
+        if kernel.additive and pack_x:
+            da = xh @ jnp.concatenate([dw_i, dw_h], axis=0) + dxs @ w_i + db_i
+            dr_w = None
+        else:
+            h_in = xh[..., -hidden:]
+            da = dxs @ w_i + xs @ dw_i + db_i
+            dr_w = h_in @ dw_h
         if db_h is not None:
-            dr_w = dr_w + db_h
-        if kernel.additive:
+            dr_w = db_h if dr_w is None else dr_w + db_h
+        if kernel.additive and dr_w is not None:
             da, dr_w = da + dr_w, None
 
         def body(dstate, inputs):
-            coef_t, da_t, dr_w_t, keep_t = inputs
+            packed_t, da_t, dr_w_t, keep_t = inputs
             dr_t = dstate[0] @ w_h
             if dr_w_t is not None:
                 dr_t = dr_t + dr_w_t
-            dnew = kernel.tangent(coef_t, da_t, dr_t, dstate)
+            dnew = kernel.tangent(packed_t, da_t, dr_t, dstate)
             if keep_t is None:
                 return dnew, dnew[0]
             dnew = tuple(jnp.where(k, n, s) for k, n, s in zip(keep_t, dnew, dstate, strict=True))
             return dnew, jnp.where(keep_t[0], dnew[0], 0)
 
         dfinal, dys = lax.scan(
-            body, tuple(dstate0), (coef, da, dr_w, keep), reverse=reverse, unroll=unroll
+            body, tuple(dstate0), (packed, da, dr_w, keep), reverse=reverse, unroll=unroll
         )
         return (ys, final), (dys, dfinal)
 
@@ -159,6 +170,10 @@ def _blocks(v, n):
     return jnp.split(v, n, axis=-1)
 
 
+def _zeros(like, n):
+    return jnp.zeros((*like.shape[:-1], n), like.dtype)
+
+
 def _lstm_forward(a, r, state):
     _, c = state
     zi, zf, zg, zo = _blocks(a + r, 4)
@@ -166,18 +181,19 @@ def _lstm_forward(a, r, state):
     c2 = f * c + i * g
     tc = jnp.tanh(c2)
     # d c2 = (i' g) dzi + (f' c) dzf + (i g') dzg + f dc;  d h2 = (o' tanh c2) dzo + o tanh'(c2) dc2
-    gates = jnp.concatenate(
-        [i * (1 - i) * g, f * (1 - f) * c, i * (1 - g * g), o * (1 - o) * tc], axis=-1
-    )
-    return (o * tc, c2), (gates, f, o * (1 - tc * tc))
+    coef = [i * (1 - i) * g, f * (1 - f) * c, i * (1 - g * g), o * (1 - o) * tc]
+    return (o * tc, c2), jnp.concatenate([*coef, f, o * (1 - tc * tc)], axis=-1)
 
 
-def _lstm_tangent(coef, da, dr, dstate):
-    gates, f, out = coef
+def _lstm_tangent(row, da, dr, dstate):
+    # row = [h, i'g, f'c, ig', o'tc, f, o tanh'(c2)], each H wide.
     _, dc = dstate
-    di, df, dg, do = _blocks(gates * (da + dr), 4)
-    dc2 = di + df + dg + f * dc
-    return (do + out * dc2, dc2)
+    hidden = dc.shape[-1]
+    t1 = row * jnp.concatenate([_zeros(dc, hidden), da + dr, dc, _zeros(dc, hidden)], axis=-1)
+    _, di, df, dg, do, f_dc, _ = _blocks(t1, 7)
+    dc2 = di + df + dg + f_dc
+    t2 = row * jnp.concatenate([_zeros(dc, 6 * hidden), dc2], axis=-1)
+    return (do + t2[..., 6 * hidden :], dc2)
 
 
 LSTM = Kernel(_lstm_forward, _lstm_tangent, additive=True)
@@ -194,16 +210,16 @@ def _gru_forward(a, r, state):
     kn = (1 - update) * (1 - n * n)
     kr = kn * rn * reset * (1 - reset)
     kz = update * (1 - update) * (h - n)
-    into_a = jnp.concatenate([kr, kz, kn], axis=-1)
-    into_r = jnp.concatenate([kr, kz, kn * reset], axis=-1)
-    return ((1.0 - update) * n + update * h,), (into_a, into_r, update)
+    coef = [kr, kz, kn, kr, kz, kn * reset, update]
+    return ((1.0 - update) * n + update * h,), jnp.concatenate(coef, axis=-1)
 
 
-def _gru_tangent(coef, da, dr, dstate):
-    into_a, into_r, update = coef
+def _gru_tangent(row, da, dr, dstate):
+    # row = [h, into_a (3H), into_r (3H), z]
     (dh,) = dstate
-    parts = _blocks(into_a * da + into_r * dr, 3)
-    return (parts[0] + parts[1] + parts[2] + update * dh,)
+    t = row * jnp.concatenate([jnp.zeros_like(dh), da, dr, dh], axis=-1)
+    parts = _blocks(t, 8)
+    return (sum(parts[1:]),)
 
 
 GRU = Kernel(_gru_forward, _gru_tangent, additive=False)
@@ -216,11 +232,13 @@ def elman_kernel(activation: Callable[[jax.Array], jax.Array]) -> Kernel:
     def forward(a, r, state):
         pre = a + r
         h, slope = jax.jvp(activation, (pre,), (jnp.ones_like(pre),))
-        return (h,), (slope,)
+        return (h,), slope
 
-    def tangent(coef, da, dr, dstate):
-        (slope,) = coef
-        return (slope * (da + dr),)
+    def tangent(row, da, dr, dstate):
+        # row = [h, slope]
+        (dh,) = dstate
+        t = row * jnp.concatenate([jnp.zeros_like(dh), da + dr], axis=-1)
+        return (t[..., dh.shape[-1] :],)
 
     return Kernel(forward, tangent, additive=True)
 
