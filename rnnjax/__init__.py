@@ -4,11 +4,21 @@ Cells are pure functions over one example, stepped over time with ``jax.lax.scan
 sequence to a sequence; batching is ``jax.vmap``, BPTT is ``jax.grad``.
 """
 
-from rnnjax import cells, layers
+from rnnjax import cells, interop, layers
 from rnnjax.cells import LSTMState
 from rnnjax.core import Cell, Layer, output_size
 from rnnjax.scan import loop, scan
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Cell", "LSTMState", "Layer", "cells", "layers", "loop", "output_size", "scan"]
+__all__ = [
+    "Cell",
+    "LSTMState",
+    "Layer",
+    "cells",
+    "interop",
+    "layers",
+    "loop",
+    "output_size",
+    "scan",
+]

@@ -229,6 +229,13 @@ def _bench_flags(sub) -> None:
         help="remat modes: none, step, sqrt or an int k (default: none,step,sqrt)",
     )
     p.add_argument(
+        "--loss",
+        choices=("outputs", "outputs_in_scan", "final"),
+        default="outputs",
+        help="sum(ys**2) from the stacked outputs (default), the same sum accumulated inside "
+        "the scan, or sum(h_T**2) of the final state",
+    )
+    p.add_argument(
         "--timeout",
         type=_number(float, 0.0, inclusive=False),
         default=600.0,
@@ -579,11 +586,10 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
             result = memory(
                 cell=args.cell, lengths=args.lengths, hidden=args.hidden, batch=args.batch,
                 input_size=args.input_size, modes=args.modes, timeout=args.timeout,
-                progress=progress,
+                loss=args.loss, progress=progress, command=command,
             )  # fmt: skip
         except ValueError as e:
             raise CLIError(str(e)) from None
-        result.setdefault("command", command)
         plot, text = plot_memory, _rows_table
     json_path, png_path = _harness.write(result, args.out, plot)
     print(json.dumps(result, indent=1) if args.json else text(result))

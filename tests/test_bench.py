@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,9 +111,9 @@ def test_peers_schema_ratios_and_missing_peer(peers_result):
     expected = {
         "lstm": ["rnnjax", "flax.linen LSTMCell", "flax.linen OptimizedLSTMCell",
                  "flax.nnx LSTMCell", "flax.nnx OptimizedLSTMCell", "equinox LSTMCell",
-                 "torch nn.LSTM", "jax.experimental.rnn.lstm", "missing LSTM"],
+                 "torch nn.LSTM", "jax.experimental.rnn.lstm", "rnnjax fused", "missing LSTM"],
         "gru": ["rnnjax", "flax.linen GRUCell", "flax.nnx GRUCell", "equinox GRUCell",
-                "torch nn.GRU"],
+                "torch nn.GRU", "rnnjax fused"],
     }  # fmt: skip
     assert sorted(by) == sorted((c, n, m) for c in expected for n in expected[c] for m in MODES)
     gpu = peers_result["machine"]["backend"] == "gpu"
@@ -179,64 +180,50 @@ def test_cli_runs_a_suite_as_a_process(tmp_path):
     assert f"wrote {out / 'scan-vs-unroll.json'}" in done.stdout
 
 
-def test_cli_writes_replaces_its_own_result_and_refuses_others(
-    peers_result, tmp_path, monkeypatch, capsys
-):
-    calls = []
-
-    def fake_peers(**kwargs):
-        calls.append(kwargs)
-        return peers_result
-
-    monkeypatch.setattr(peers_module, "peers", fake_peers)
+def test_cli_replaces_its_own_result_and_refuses_others(peers_result, tmp_path, capsys):
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "peers.json").write_text(json.dumps(peers_result))  # a previous peers result
     argv = ["bench", "peers", "--shapes", "2x4x3x8", "--cells", "gru", "--peers", "torch",
-            "--repeats", "3", "--out", str(out)]  # fmt: skip
+            "--repeats", "2", "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
-    assert calls[0]["shapes"] == ((2, 4, 3, 8),) and calls[0]["cells"] == ("gru",)
-    assert calls[0]["peers"] == ("torch",) and calls[0]["repeats"] == 3
-    assert calls[0]["command"].startswith("rnnjax bench peers --shapes=2x4x3x8 --cells=gru")
-    assert json.loads((out / "peers.json").read_text()) == peers_result
+    result = json.loads((out / "peers.json").read_text())
+    assert result["command"].startswith("rnnjax bench peers --shapes=2x4x3x8 --cells=gru")
+    assert result["config"]["shapes"] == [[2, 4, 3, 8]] and result["config"]["cells"] == ["gru"]
+    assert {row["candidate"] for row in result["results"]} == {"rnnjax", "torch nn.GRU"}
+    for row in result["results"]:
+        check_ok(row)
     assert (out / "peers.png").read_bytes()[:8] == PNG
     assert "rnnjax/peer" in capsys.readouterr().out
-    assert cli.main(argv) == 0  # a previous peers result is replaced
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "peers.json").write_text('{"not": "a bench result"}')
+    started = time.perf_counter()
     assert cli.main([*argv[:-1], str(foreign)]) == 2
+    assert time.perf_counter() - started < 5  # refused before any work
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a previous peers result" in err
     assert (foreign / "peers.json").read_text() == '{"not": "a bench result"}'
-    assert len(calls) == 2  # refused before any work
 
 
-def test_cli_memory_calls_the_memory_suite(tmp_path, monkeypatch, capsys):
-    memory_module = importlib.import_module("rnnjax.bench.memory")
-    seen = {}
-
-    def fake_memory(**kwargs):
-        seen.update(kwargs)
-        row = {"T": 4, "mode": "none", "status": "ok", "peak_bytes": 1024}
-        return {"suite": "memory", "config": {}, "machine": {}, "results": [row]}
-
-    def fake_plot(result, path):
-        path.write_bytes(PNG)
-
-    monkeypatch.setattr(memory_module, "memory", fake_memory)
-    monkeypatch.setattr(memory_module, "plot_memory", fake_plot)
-    argv = ["bench", "memory", "--cell", "gru", "--lengths", "4,16", "--hidden", "8", "--batch",
-            "2", "--input-size", "3", "--modes", "none,sqrt,4", "--timeout", "30",
-            "--out", str(tmp_path)]  # fmt: skip
+def test_cli_memory_runs_the_memory_suite(tmp_path, capsys):
+    # A real run at a tiny size: one worker process per (T, mode), peak RSS read back.
+    argv = ["bench", "memory", "--cell", "gru", "--lengths", "6", "--hidden", "4", "--batch",
+            "2", "--input-size", "3", "--modes", "none,sqrt", "--loss", "final", "--timeout",
+            "120", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
-    assert (
-        seen["cell"] == "gru"
-        and seen["lengths"] == (4, 16)
-        and seen["modes"] == ("none", "sqrt", 4)
-    )
-    assert (seen["hidden"], seen["batch"], seen["input_size"], seen["timeout"]) == (8, 2, 3, 30.0)
     result = json.loads((tmp_path / "memory.json").read_text())
     assert result["command"].startswith("rnnjax bench memory --cell=gru")
-    assert "peak_bytes" in capsys.readouterr().out
+    assert "--loss=final" in result["command"]
+    assert result["config"]["loss"] == "final" and result["config"]["cell"] == "gru"
+    rows = {row["mode"]: row for row in result["results"]}
+    assert sorted(rows) == ["none", "sqrt"]
+    for row in rows.values():
+        assert row["status"] == "ok" and row["T"] == 6 and row["finite"] is True
+        assert row["peak_rss_bytes"] >= row["baseline_rss_bytes"] > 0
+    assert rows["sqrt"]["k"] == 2 and rows["none"]["k"] is None
+    assert (tmp_path / "memory.png").read_bytes()[:8] == PNG[:8]
+    assert "wrote" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to al
 - ``torch``: ``nn.LSTM`` / ``nn.GRU`` in their native time-major layout ``(T, B, I)`` (the same
   numbers, transposed once before timing), forward under ``torch.no_grad()``, fwd+bwd as
   ``loss.backward()`` into the params' ``.grad``; on CUDA only when JAX is on a GPU too;
-- ``jax-cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN; GPU only, "unavailable" elsewhere).
+- ``jax-cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN; GPU only, "unavailable" elsewhere);
+- ``rnnjax-fused``: rnnjax with ``fused=True`` cells (the whole-sequence fast path).
 
 Every candidate initializes its own params with its own defaults; the timed work is the same.
 A peer whose package is not installed is reported as ``"not installed"``. All candidates of one
@@ -22,6 +23,7 @@ shape and cell are timed interleaved in one worker process (see :mod:`rnnjax.ben
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +61,8 @@ PEERS: dict[str, Peer] = {
     ),
     "equinox": Peer("equinox", {"lstm": ("equinox LSTMCell",), "gru": ("equinox GRUCell",)}),
     "torch": Peer("torch", {"lstm": ("torch nn.LSTM",), "gru": ("torch nn.GRU",)}),
+    # rnnjax's opt-in whole-sequence fast path (cells made with fused=True), against the default.
+    "rnnjax-fused": Peer("rnnjax", {"lstm": ("rnnjax fused",), "gru": ("rnnjax fused",)}),
     "jax-cudnn": Peer("jax", {"lstm": ("jax.experimental.rnn.lstm",)}),
 }
 
@@ -66,12 +70,12 @@ PEERS: dict[str, Peer] = {
 # ------------------------------------------------------------------------- in the worker
 
 
-def _rnnjax(cell, shape, xs):
+def _rnnjax(cell, shape, xs, fused=False):
     import jax
 
     import rnnjax as rj
 
-    layer = rj.layers.rnn(getattr(rj.cells, cell)(shape[3]))
+    layer = rj.layers.rnn(getattr(rj.cells, cell)(shape[3], fused=fused))
     params = layer.init(jax.random.key(0), shape[2])
     return lambda p, x: jax.vmap(lambda one: layer.apply(p, one)[1])(x), params
 
@@ -152,6 +156,7 @@ def _cudnn(cell, shape, xs):
 
 JAX_CANDIDATES: dict[str, Callable] = {
     "rnnjax": _rnnjax,
+    "rnnjax fused": functools.partial(_rnnjax, fused=True),
     "flax.linen LSTMCell": _linen("LSTMCell"),
     "flax.linen OptimizedLSTMCell": _linen("OptimizedLSTMCell"),
     "flax.linen GRUCell": _linen("GRUCell"),

@@ -1,4 +1,5 @@
-"""The LSTM cell (Hochreiter & Schmidhuber 1997, with forget gate), PyTorch's layout."""
+"""The LSTM cell (Hochreiter & Schmidhuber 1997, with forget gate), PyTorch's layout, and its
+projected form (LSTMP, Sak et al. 2014; PyTorch's ``proj_size``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from rnnjax.core import Cell, check_step_input
 
 
 class LSTMState(NamedTuple):
-    """The LSTM carry: hidden state ``h (H,)`` and cell state ``c (H,)``."""
+    """The LSTM carry: hidden state ``h (H,)`` (``(P,)`` with a projection) and cell state
+    ``c (H,)``."""
 
     h: jax.Array
     c: jax.Array
@@ -30,6 +32,7 @@ class LSTMState(NamedTuple):
 def lstm(
     hidden_size: int,
     *,
+    proj_size: int | None = None,
     forget_bias: float = 1.0,
     input_init: Initializer = default_input_init,
     recurrent_init: Initializer = default_recurrent_init,
@@ -43,8 +46,17 @@ def lstm(
     i, f, g, o. Carry: ``LSTMState(h, c)``. Output: ``h``. PyTorch's ``weight_ih_l0`` is
     ``w_i.T``, ``weight_hh_l0`` is ``w_h.T`` and ``b = bias_ih_l0 + bias_hh_l0``.
 
+    With ``proj_size=P`` (LSTMP, Sak et al. 2014; PyTorch's ``nn.LSTM(proj_size=P)``) the
+    hidden state is projected down to ``P`` units before it is output and fed back: params gain
+    ``w_p (H, P)`` (PyTorch's ``weight_hr_l0`` is ``w_p.T``), ``w_h`` is ``(P, 4H)``, the carry
+    is ``LSTMState(h (P,), c (H,))`` and the output ``h = (o * tanh(c)) @ w_p``, ``(P,)``.
+    A ``recurrent_mask=`` passed to ``step`` then has shape ``(P,)``.
+
     Args:
-      hidden_size: H.
+      hidden_size: H, the size of the cell state and the gates.
+      proj_size: P, the size of the projected hidden state (``None``: no projection). As in
+        PyTorch it must be smaller than ``hidden_size``. ``w_p`` is initialised with
+        ``input_init`` (it is a plain dense map from the H units to P).
       forget_bias: added to the forget gate's bias at init (Jozefowicz et al. 2015), on top of
         ``bias_init``.
       input_init, recurrent_init, bias_init: ``(key, shape, dtype) -> array`` initializers; the
@@ -53,6 +65,7 @@ def lstm(
       fused: attach the whole-sequence fast path (``rnnjax.cells._fused``): same values and
         derivatives, with the weight-gradient matmuls moved out of the BPTT loop. Off by
         default because on CPU it measured slower than the step scan (BENCHMARKS.md).
+        There is no fast path for a projected LSTM: ``proj_size`` with ``fused=True`` raises.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.lstm(4)
@@ -60,23 +73,50 @@ def lstm(
     >>> carry, y = cell.step(params, cell.initial_carry(params), jnp.ones(3))
     >>> carry.c.shape, y.shape, params["b"][4:8]
     ((4,), (4,), Array([1., 1., 1., 1.], dtype=float32))
+    >>> cell = rj.cells.lstm(4, proj_size=2)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> carry, y = cell.step(params, cell.initial_carry(params), jnp.ones(3))
+    >>> params["w_h"].shape, params["w_p"].shape, carry.h.shape, carry.c.shape, y.shape
+    ((2, 16), (4, 2), (2,), (4,), (2,))
     """
     check_size("lstm", "hidden_size", hidden_size)
     hs = hidden_size
+    if proj_size is not None:
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 1:
+            raise ValueError(
+                f"lstm expects proj_size to be None or a positive int, got {proj_size!r}: "
+                "use proj_size=None for no projection (PyTorch's proj_size=0)"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"lstm expects proj_size < hidden_size (as PyTorch does), got proj_size="
+                f"{proj_size} and hidden_size={hidden_size}: a projection maps the {hidden_size} "
+                "units down to fewer; use a smaller proj_size or proj_size=None"
+            )
+    if check_fused(fused) and proj_size is not None:
+        raise ValueError(
+            f"lstm(proj_size={proj_size}) has no fused fast path: the fused kernel feeds back "
+            "the unprojected h; use fused=False (the default) with a projection"
+        )
+    rows = hs if proj_size is None else proj_size  # the size of h, which meets W_h
 
     def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
         check_size("lstm.init", "input_size", input_size)
-        ki, kh, kb = jax.random.split(key, 3)
+        ki, kh, kb, *kp = jax.random.split(key, 3 if proj_size is None else 4)
         b = bias_init(kb, (4 * hs,), dtype)
-        return {
+        params = {
             "w_i": gate_blocks(ki, input_init, input_size, hs, 4, dtype),
-            "w_h": gate_blocks(kh, recurrent_init, hs, hs, 4, dtype),
+            "w_h": gate_blocks(kh, recurrent_init, rows, hs, 4, dtype),
             "b": b.at[hs : 2 * hs].add(jnp.asarray(forget_bias, dtype)),
         }
+        if proj_size is not None:
+            params["w_p"] = gate_blocks(kp[0], input_init, hs, proj_size, 1, dtype)
+        return params
 
     def initial_carry(params: dict[str, jax.Array]) -> LSTMState:
-        z = jnp.zeros(params["w_h"].shape[:1], params["w_h"].dtype)
-        return LSTMState(z, z)
+        w_h = params["w_h"]
+        h = jnp.zeros(w_h.shape[:1], w_h.dtype)
+        return LSTMState(h, jnp.zeros((w_h.shape[1] // 4,), w_h.dtype))
 
     def step(params, carry: LSTMState, x, *, recurrent_mask=None):
         check_step_input("lstm", x, params["w_i"].shape[0])
@@ -86,6 +126,8 @@ def lstm(
             i, f, g, o = jnp.split(z, 4, axis=-1)
             c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
             h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            if proj_size is not None:
+                h = h @ params["w_p"]
         return LSTMState(h, c), h
 
-    return Cell(init, initial_carry, step, lstm_sequence if check_fused(fused) else None)
+    return Cell(init, initial_carry, step, lstm_sequence if fused else None)
