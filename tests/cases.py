@@ -12,3 +12,14 @@ CELLS = {
     "gru": lambda **kw: rj.cells.gru(H, **kw),
     "gru_reset_before": lambda **kw: rj.cells.gru(H, reset_after=False, **kw),
 }
+
+
+def pair_input_cell(hidden: int):
+    """An Elman cell whose input is a pair ``(a, b)`` it multiplies: a cell over pytree inputs.
+    Returns ``(plain, paired)``; ``paired`` on ``(a, b)`` equals ``plain`` on ``a * b``."""
+    plain = rj.cells.elman(hidden)
+
+    def step(params, h, x):
+        return plain.step(params, h, x[0] * x[1])
+
+    return plain, rj.Cell(plain.init, plain.initial_carry, step)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import CELLS, I, T
+from cases import CELLS, I, T, pair_input_cell
 from test_scan import MASK, assert_tree_close, by_hand, nonzero_carry
 
 import rnnjax as rj
@@ -120,12 +120,7 @@ def test_short_sequences(run, remat, steps):
 
 
 def test_remat_with_unroll_and_pytree_inputs():
-    cell0 = rj.cells.elman(3)
-
-    def step(params, h, x):
-        return cell0.step(params, h, x[0] * x[1])
-
-    cell = rj.Cell(cell0.init, cell0.initial_carry, step)
+    cell0, cell = pair_input_cell(3)
     params = cell.init(jax.random.key(0), 2)
     a = jax.random.normal(jax.random.key(1), (7, 2))
     b = jax.random.normal(jax.random.key(2), (7, 2))

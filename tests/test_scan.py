@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import CELLS, I, T
+from cases import CELLS, I, T, pair_input_cell
 from jax.test_util import check_grads
 
 import rnnjax as rj
@@ -153,12 +153,7 @@ def test_jitted_scan_compiles_once(cell, params):
 
 def test_pytree_inputs():
     # A cell whose input is a pair: scan slices every leaf along time.
-    cell0 = rj.cells.elman(2)
-
-    def step(params, h, x):
-        return cell0.step(params, h, x[0] * x[1])
-
-    cell = rj.Cell(cell0.init, cell0.initial_carry, step)
+    cell0, cell = pair_input_cell(2)
     params = cell.init(jax.random.key(0), 3)
     a, b = jnp.ones((4, 3)), jnp.arange(12.0).reshape(4, 3)
     assert_tree_close(rj.scan(cell, params, (a, b)), rj.scan(cell0, params, a * b))
