@@ -4,7 +4,7 @@ Cells are pure functions over one example, stepped over time with ``jax.lax.scan
 sequence to a sequence; batching is ``jax.vmap``, BPTT is ``jax.grad``.
 """
 
-from rnnjax import cells, interop, layers
+from rnnjax import cells, diagnostics, interop, layers
 from rnnjax.cells import LSTMState
 from rnnjax.core import Cell, Layer, output_size
 from rnnjax.scan import loop, scan
@@ -16,6 +16,7 @@ __all__ = [
     "LSTMState",
     "Layer",
     "cells",
+    "diagnostics",
     "interop",
     "layers",
     "loop",

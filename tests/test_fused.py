@@ -91,8 +91,12 @@ def derivatives(run):
     return all_of_them
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("name", sorted(FUSED_CELLS))
+# Masked (per-example lengths) and reverse-with-mask for every cell; the unmasked branch on two.
+CASES = [(name, mode) for name in FUSED_CELLS for mode in ("length", "reverse_mask")]
+CASES += [("lstm", "reverse"), ("gru", "reverse")]
+
+
+@pytest.mark.parametrize(("name", "mode"), CASES)
 def test_fast_path_equals_step_scan_to_second_order(name, mode):
     with jax.enable_x64(True):
         cell, params, xs, carry = setup(name)
