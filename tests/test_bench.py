@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -198,10 +197,9 @@ def test_cli_replaces_its_own_result_and_refuses_others(peers_result, tmp_path, 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "peers.json").write_text('{"not": "a bench result"}')
-    started = time.perf_counter()
     assert cli.main([*argv[:-1], str(foreign)]) == 2
-    assert time.perf_counter() - started < 5  # refused before any work
     err = capsys.readouterr().err
+    # One line and no progress lines: refused before any worker started.
     assert err.count("\n") == 1 and "is not a previous peers result" in err
     assert (foreign / "peers.json").read_text() == '{"not": "a bench result"}'
 

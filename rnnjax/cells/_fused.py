@@ -34,7 +34,6 @@ from jax import lax
 from rnnjax.core import check_step_input
 
 State = tuple  # (h,) or (h, c): h first, the output
-Coef = tuple  # per-step coefficients of the step's linearization
 
 
 class Kernel(NamedTuple):
@@ -69,7 +68,8 @@ def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
     """
 
     def run(w_i, b_i, w_h, b_h, xs, state0, real, *, linearize=True):
-        """Primal: ``(ys or packed, final_state, xh, real-step masks, coefficient sizes)``.
+        """Primal: ``(ys, final_state, None, None, False)`` without ``linearize``, else
+        ``(packed, final_state, xh, real-step masks, whether xh holds x)``.
 
         The masks are stored broadcast to the state's shapes so that the tangent loop only
         selects with them (a broadcast there would be split off into an extra loop)."""
@@ -255,14 +255,12 @@ def _inputs(name: str, params: dict, xs, recurrent_mask):
 
 def lstm_sequence(params: dict, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None):
     """The LSTM over a sequence: ``(carry, ys)`` like :func:`rnnjax.scan`."""
-    from rnnjax.cells.lstm import LSTMState
-
     w_h = _inputs("lstm", params, xs, recurrent_mask)
     ys, (h, c) = sequence(
         LSTM, params["w_i"], params["b"], w_h, None, xs, (carry.h, carry.c), real,
         reverse=reverse, unroll=unroll,
     )  # fmt: skip
-    return LSTMState(h, c), ys
+    return carry._replace(h=h, c=c), ys
 
 
 def gru_sequence(params: dict, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None):
