@@ -18,7 +18,7 @@ from typing import Any
 TASK_NAMES = ("charlm", "forecast", "adding", "copy", "classify", "seq2seq")
 CELL_NAMES = ("lstm", "gru", "elman")
 # Flags a resumed run may change; every other flag describes the model or its data.
-RESUMABLE = ("steps", "checkpoint_every", "eval_every")
+RESUMABLE = ("steps", "checkpoint_every", "eval_every", "precision")
 
 
 class CLIError(Exception):
@@ -61,6 +61,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bidirectional", action="store_const", const=True, default=None)
     p.add_argument("--dropout", type=_rate, help="dropout between layers")
     p.add_argument("--recurrent-dropout", type=_rate, help="variational dropout on h")
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        help="the cells' matmuls; bfloat16 keeps params and state float32 (default: float32)",
+    )
     p.add_argument("--steps", type=_number(int, 1), help="total training steps")
     p.add_argument("--batch-size", type=_number(int, 1))
     p.add_argument(

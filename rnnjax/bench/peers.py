@@ -14,7 +14,11 @@ forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to al
   numbers, transposed once before timing), forward under ``torch.no_grad()``, fwd+bwd as
   ``loss.backward()`` into the params' ``.grad``; on CUDA only when JAX is on a GPU too;
 - ``jax-cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN; GPU only, "unavailable" elsewhere);
-- ``rnnjax-fused``: rnnjax with ``fused=True`` cells (the whole-sequence fast path).
+- ``rnnjax-fused``: rnnjax with ``fused=True`` cells (the whole-sequence fast path);
+- ``rnnjax-bf16``: rnnjax cells with ``compute_dtype=jnp.bfloat16`` (bfloat16 matmuls, float32
+  params and state): not the same arithmetic as the float32 candidates, so compare it with
+  ``torch-bf16``;
+- ``torch-bf16``: PyTorch under ``torch.autocast(dtype=torch.bfloat16)`` (its mixed precision).
 
 Every candidate initializes its own params with its own defaults; the timed work is the same.
 A peer whose package is not installed is reported as ``"not installed"``. All candidates of one
@@ -23,6 +27,7 @@ shape and cell are timed interleaved in one worker process (see :mod:`rnnjax.ben
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from collections.abc import Callable, Sequence
@@ -64,18 +69,22 @@ PEERS: dict[str, Peer] = {
     # rnnjax's opt-in whole-sequence fast path (cells made with fused=True), against the default.
     "rnnjax-fused": Peer("rnnjax", {"lstm": ("rnnjax fused",), "gru": ("rnnjax fused",)}),
     "jax-cudnn": Peer("jax", {"lstm": ("jax.experimental.rnn.lstm",)}),
+    # Mixed precision: bfloat16 matmuls with float32 params and state, rnnjax's and PyTorch's.
+    "rnnjax-bf16": Peer("rnnjax", {"lstm": ("rnnjax bf16",), "gru": ("rnnjax bf16",)}),
+    "torch-bf16": Peer("torch", {"lstm": ("torch nn.LSTM bf16",), "gru": ("torch nn.GRU bf16",)}),
 }
 
 
 # ------------------------------------------------------------------------- in the worker
 
 
-def _rnnjax(cell, shape, xs, fused=False):
+def _rnnjax(cell, shape, xs, fused=False, compute_dtype=None):
     import jax
 
     import rnnjax as rj
 
-    layer = rj.layers.rnn(getattr(rj.cells, cell)(shape[3], fused=fused))
+    make = getattr(rj.cells, cell)
+    layer = rj.layers.rnn(make(shape[3], fused=fused, compute_dtype=compute_dtype))
     params = layer.init(jax.random.key(0), shape[2])
     return lambda p, x: jax.vmap(lambda one: layer.apply(p, one)[1])(x), params
 
@@ -157,6 +166,7 @@ def _cudnn(cell, shape, xs):
 JAX_CANDIDATES: dict[str, Callable] = {
     "rnnjax": _rnnjax,
     "rnnjax fused": functools.partial(_rnnjax, fused=True),
+    "rnnjax bf16": functools.partial(_rnnjax, compute_dtype="bfloat16"),
     "flax.linen LSTMCell": _linen("LSTMCell"),
     "flax.linen OptimizedLSTMCell": _linen("OptimizedLSTMCell"),
     "flax.linen GRUCell": _linen("GRUCell"),
@@ -167,7 +177,12 @@ JAX_CANDIDATES: dict[str, Callable] = {
     "equinox GRUCell": _equinox("GRUCell"),
     "jax.experimental.rnn.lstm": _cudnn,
 }
-TORCH_CANDIDATES = {"torch nn.LSTM": "LSTM", "torch nn.GRU": "GRU"}
+TORCH_CANDIDATES = {
+    "torch nn.LSTM": "LSTM",
+    "torch nn.GRU": "GRU",
+    "torch nn.LSTM bf16": "LSTM",
+    "torch nn.GRU bf16": "GRU",
+}
 
 
 def _jax_programs(candidate, cell, shape, xs):
@@ -205,13 +220,21 @@ def _torch_programs(candidate, cell, shape, xs):
         params = list(module.parameters())
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(xs).transpose(1, 0, 2))).to(device)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        if tuple(module(x)[0].shape) != (steps, batch, hidden):
-            raise ValueError(f"{candidate} gave outputs of an unexpected shape")
+        bf16 = candidate.endswith(" bf16")
+
+        def precision():
+            if bf16:
+                return torch.autocast(device, dtype=torch.bfloat16)
+            return contextlib.nullcontext()
+
+        with precision():
+            if tuple(module(x)[0].shape) != (steps, batch, hidden):
+                raise ValueError(f"{candidate} gave outputs of an unexpected shape")
 
         if mode == "fwd":
 
             def run():
-                with torch.no_grad():
+                with torch.no_grad(), precision():
                     module(x)
                 sync()
         else:
@@ -219,8 +242,10 @@ def _torch_programs(candidate, cell, shape, xs):
             def run():
                 for p in params:
                     p.grad = None
-                out, _ = module(x)
-                (out**2).sum().backward()
+                with precision():
+                    out, _ = module(x)
+                    loss = (out.float() ** 2).sum()
+                loss.backward()
                 sync()
 
         notes = {
@@ -228,6 +253,7 @@ def _torch_programs(candidate, cell, shape, xs):
             "torch_threads": torch.get_num_threads(),
             "layout": "time-major (T, B, I), the module's native layout",
             "forward": "under torch.no_grad()" if mode == "fwd" else "autograd",
+            "precision": "torch.autocast bfloat16" if bf16 else "float32",
         }
         return run, {"trace_s": None, "compile_s": None, "memory": None, "notes": notes}
 

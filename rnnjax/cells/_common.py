@@ -37,3 +37,35 @@ def check_fused(fused: bool) -> bool:
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be True or False, got {fused!r}")
     return fused
+
+
+def check_compute_dtype(cell_name: str, compute_dtype, fused: bool):
+    """``None`` or a floating dtype; the fused fast path computes in the params' dtype only."""
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{cell_name} expects compute_dtype to be None or a floating dtype such as "
+            f"jnp.bfloat16, got {compute_dtype!r}"
+        )
+    if fused:
+        raise ValueError(
+            f"{cell_name}(compute_dtype={dtype.name}, fused=True): the fused fast path computes "
+            "in the params' dtype; use fused=False with a compute_dtype"
+        )
+    return dtype
+
+
+def matmul(a: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """``a @ w``. With a ``compute_dtype`` (e.g. bfloat16) both operands are cast to it and the
+    product is accumulated and returned in the wider of their own dtypes (float32 params give a
+    float32 result), so only the matmul runs in low precision: gates, state and the weights
+    themselves stay in float32 (mixed precision)."""
+    if compute_dtype is None:
+        return a @ w
+    out = jnp.promote_types(a.dtype, w.dtype)
+    return jnp.matmul(a.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=out)

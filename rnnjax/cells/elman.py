@@ -10,12 +10,14 @@ import jax.numpy as jnp
 from rnnjax.cells import _fused
 from rnnjax.cells._common import (
     Initializer,
+    check_compute_dtype,
     check_fused,
     check_size,
     default_bias_init,
     default_input_init,
     default_recurrent_init,
     gate_blocks,
+    matmul,
 )
 from rnnjax.core import Cell, check_option, check_step_input
 
@@ -33,6 +35,7 @@ def elman(
     recurrent_init: Initializer = default_recurrent_init,
     bias_init: Initializer = default_bias_init,
     dtype: jnp.dtype = jnp.float32,
+    compute_dtype: jnp.dtype | None = None,
     fused: bool = False,
 ) -> Cell:
     """An Elman RNN cell, PyTorch's ``nn.RNN`` step.
@@ -46,6 +49,8 @@ def elman(
       activation: ``"tanh"``, ``"relu"`` or any elementwise function.
       input_init, recurrent_init, bias_init: ``(key, shape, dtype) -> array`` initializers.
       dtype: dtype of the params and the initial carry.
+      compute_dtype: run the matmuls in this dtype (e.g. ``jnp.bfloat16``), accumulating in
+        ``dtype``; see :func:`rnnjax.cells.lstm`.
       fused: attach the whole-sequence fast path (``rnnjax.cells._fused``): same values and
         derivatives, with the weight-gradient matmuls moved out of the BPTT loop. Off by
         default because on CPU it measured slower than the step scan (BENCHMARKS.md).
@@ -84,8 +89,10 @@ def elman(
         check_step_input("elman", x, params["w_i"].shape[0])
         with jax.named_scope("elman"):
             h_in = h if recurrent_mask is None else h * recurrent_mask
-            h = act(x @ params["w_i"] + h_in @ params["w_h"] + params["b"])
+            z = matmul(x, params["w_i"], compute_dtype) + matmul(h_in, params["w_h"], compute_dtype)
+            h = act(z + params["b"])
         return h, h
 
-    sequence = _fused.elman_sequence(_fused.elman_kernel(act)) if check_fused(fused) else None
+    compute_dtype = check_compute_dtype("elman", compute_dtype, check_fused(fused))
+    sequence = _fused.elman_sequence(_fused.elman_kernel(act)) if fused else None
     return Cell(init, initial_carry, step, sequence)

@@ -7,12 +7,14 @@ import jax.numpy as jnp
 
 from rnnjax.cells._common import (
     Initializer,
+    check_compute_dtype,
     check_fused,
     check_size,
     default_bias_init,
     default_input_init,
     default_recurrent_init,
     gate_blocks,
+    matmul,
 )
 from rnnjax.cells._fused import gru_sequence
 from rnnjax.core import Cell, check_step_input
@@ -26,6 +28,7 @@ def gru(
     recurrent_init: Initializer = default_recurrent_init,
     bias_init: Initializer = default_bias_init,
     dtype: jnp.dtype = jnp.float32,
+    compute_dtype: jnp.dtype | None = None,
     fused: bool = False,
 ) -> Cell:
     """A GRU cell, PyTorch's ``nn.GRU`` step when ``reset_after=True``.
@@ -41,8 +44,9 @@ def gru(
     PyTorch's ``weight_ih_l0`` is ``w_i.T``, ``weight_hh_l0`` is ``w_h.T``, ``bias_ih_l0`` is
     ``b_i`` and ``bias_hh_l0`` is ``b_h``. Both forms have the same params.
 
-    ``fused=True`` attaches the whole-sequence fast path (reset-after only; see
-    :func:`rnnjax.cells.lstm`).
+    ``fused=True`` attaches the whole-sequence fast path (reset-after only) and
+    ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16 with float32 state; see
+    :func:`rnnjax.cells.lstm`.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.gru(4, reset_after=False)
@@ -75,21 +79,26 @@ def gru(
             w_h, b_h = params["w_h"], params["b_h"]
             # Variational dropout masks h where it meets W_h, not in the z-interpolation below.
             h_in = h if recurrent_mask is None else h * recurrent_mask
-            gi_r, gi_z, gi_n = jnp.split(x @ params["w_i"] + params["b_i"], 3, axis=-1)
+            gi = matmul(x, params["w_i"], compute_dtype) + params["b_i"]
+            gi_r, gi_z, gi_n = jnp.split(gi, 3, axis=-1)
             if reset_after:
-                gh_r, gh_z, gh_n = jnp.split(h_in @ w_h + b_h, 3, axis=-1)
+                gh_r, gh_z, gh_n = jnp.split(matmul(h_in, w_h, compute_dtype) + b_h, 3, axis=-1)
                 r = jax.nn.sigmoid(gi_r + gh_r)
                 z = jax.nn.sigmoid(gi_z + gh_z)
                 n = jnp.tanh(gi_n + r * gh_n)
             else:
-                gh_r, gh_z = jnp.split(h_in @ w_h[:, : 2 * hs] + b_h[: 2 * hs], 2, axis=-1)
+                gh_r, gh_z = jnp.split(
+                    matmul(h_in, w_h[:, : 2 * hs], compute_dtype) + b_h[: 2 * hs], 2, axis=-1
+                )
                 r = jax.nn.sigmoid(gi_r + gh_r)
                 z = jax.nn.sigmoid(gi_z + gh_z)
-                n = jnp.tanh(gi_n + (r * h_in) @ w_h[:, 2 * hs :] + b_h[2 * hs :])
+                gh_n = matmul(r * h_in, w_h[:, 2 * hs :], compute_dtype)
+                n = jnp.tanh(gi_n + gh_n + b_h[2 * hs :])
             h = (1.0 - z) * n + z * h
         return h, h
 
-    if check_fused(fused) and not reset_after:
+    compute_dtype = check_compute_dtype("gru", compute_dtype, check_fused(fused))
+    if fused and not reset_after:
         raise ValueError(
             "gru(reset_after=False) has no fused fast path: its recurrent matmul takes r * h, "
             "not h; use fused=False or reset_after=True"

@@ -30,6 +30,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "bidirectional": False,
     "dropout": 0.0,
     "recurrent_dropout": 0.0,
+    "precision": "float32",
     "steps": 1000,
     "batch_size": 32,
     "seq_len": 50,
@@ -48,6 +49,15 @@ CELLS: dict[str, Callable[..., rj.Cell]] = {
     "gru": rj.cells.gru,
     "elman": rj.cells.elman,
 }
+#: ``--precision``: the cells' ``compute_dtype`` (params and state stay float32).
+PRECISIONS: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def make_cell(config: dict, hidden: int) -> rj.Cell:
+    """The ``--cell`` the flags name, ``hidden`` units, computing in ``--precision`` (runs
+    written before ``--precision`` existed are float32)."""
+    compute_dtype = PRECISIONS[config.get("precision", "float32")]
+    return CELLS[config["cell"]](hidden, compute_dtype=compute_dtype)
 
 
 @dataclass
@@ -94,10 +104,10 @@ def recurrent_layers(config: dict, *, causal: bool = False) -> Layer:
             f"--bidirectional does not apply to the {config['task']} task: it predicts the next "
             "step, so it must not read the future"
         )
-    make = CELLS[config["cell"]]
 
     def one():
-        return rj.layers.rnn(make(config["hidden"]), recurrent_dropout=config["recurrent_dropout"])
+        cell = make_cell(config, config["hidden"])
+        return rj.layers.rnn(cell, recurrent_dropout=config["recurrent_dropout"])
 
     layers = [
         rj.layers.bidirectional(one(), one()) if config["bidirectional"] else one()

@@ -32,7 +32,7 @@ import numpy as np
 import rnnjax as rj
 from rnnjax.data.text import CharVocab, DataError
 from rnnjax.generate import beam_search, greedy_decode
-from rnnjax.tasks.base import CELLS, Task, recurrent_layers, split_keys
+from rnnjax.tasks.base import Task, make_cell, recurrent_layers, split_keys
 from rnnjax.train import accuracy, cross_entropy
 
 DEFAULTS = {
@@ -201,7 +201,7 @@ def model(config: dict) -> Seq2Seq:
     H, V = config["hidden"], VOCAB.size
     embed = rj.layers.embed(V, EMBED)  # one table for source and answer characters
     encoder = recurrent_layers(config)
-    cell = CELLS[config["cell"]](H)
+    cell = make_cell(config, H)
     decoder = rj.layers.rnn(cell, recurrent_dropout=config["recurrent_dropout"])
     head = rj.layers.dense(V)
     k_embed, k_enc, k_dec, k_bridge, k_head = split_keys(config, 5)
