@@ -107,7 +107,17 @@ def check_carry(carry: Carry, expected: Carry, where: str) -> None:
 
 
 def output_size(layer: Layer, params: Params, input_size: int) -> int:
-    """The feature size of ``layer.apply``'s outputs, found by tracing (no compute)."""
-    xs = jax.ShapeDtypeStruct((1, input_size), jnp.float32)
-    ys = jax.eval_shape(lambda p, x: layer.apply(p, x)[1], params, xs)
-    return int(ys.shape[-1])
+    """The feature size of ``layer.apply``'s outputs, found by tracing (no compute): on float
+    features ``(1, input_size)``, or, for a layer that reads int tokens ``(T,)`` (such as
+    :func:`rnnjax.layers.embed`) and refuses features, on one token."""
+
+    def size(xs):
+        return int(jax.eval_shape(lambda p, x: layer.apply(p, x)[1], params, xs).shape[-1])
+
+    try:
+        return size(jax.ShapeDtypeStruct((1, input_size), jnp.float32))
+    except (TypeError, ValueError) as on_features:
+        try:
+            return size(jax.ShapeDtypeStruct((1,), jnp.int32))
+        except Exception:
+            raise on_features from None

@@ -15,7 +15,9 @@ Conventions. ``h_t`` is the carry after step ``t``, the step that reads ``xs[t]`
 (``t = 0 .. T-1``). The *hidden state* is one leaf of the carry: the first leaf
 (``jax.tree.leaves(carry)[0]``) unless ``leaf=`` names another, by position or by field name.
 For the built-in cells the first leaf is ``h``: the carry itself for ``elman`` and ``gru``,
-``LSTMState(h, c).h`` for ``lstm`` (``leaf="c"`` reports the cell state). A custom cell with a
+``LSTMState(h, c).h`` for ``lstm`` (``leaf="c"`` reports the cell state; when the loss reads
+only outputs, its gradient at the last step is exactly 0, since the last cell state feeds no later
+step, so ratios against it are infinite: compare against ``T-2`` or use ``h``). A custom cell with a
 pytree carry should put ``h`` first or pass ``leaf=``. Step Jacobians are taken over the whole
 carry, flattened in leaf order (``[h, c]``, ``2H`` wide, for an LSTM): the whole carry is what
 takes a gradient from one step back to the previous one.

@@ -110,9 +110,10 @@ def test_peers_schema_ratios_and_missing_peer(peers_result):
     expected = {
         "lstm": ["rnnjax", "flax.linen LSTMCell", "flax.linen OptimizedLSTMCell",
                  "flax.nnx LSTMCell", "flax.nnx OptimizedLSTMCell", "equinox LSTMCell",
-                 "torch nn.LSTM", "jax.experimental.rnn.lstm", "rnnjax fused", "missing LSTM"],
+                 "torch nn.LSTM", "jax.experimental.rnn.lstm", "rnnjax fused", "rnnjax bf16",
+                 "torch nn.LSTM bf16", "missing LSTM"],
         "gru": ["rnnjax", "flax.linen GRUCell", "flax.nnx GRUCell", "equinox GRUCell",
-                "torch nn.GRU", "rnnjax fused"],
+                "torch nn.GRU", "rnnjax fused", "rnnjax bf16", "torch nn.GRU bf16"],
     }  # fmt: skip
     assert sorted(by) == sorted((c, n, m) for c in expected for n in expected[c] for m in MODES)
     gpu = peers_result["machine"]["backend"] == "gpu"
@@ -135,6 +136,8 @@ def test_peers_schema_ratios_and_missing_peer(peers_result):
             assert row["trace_s"] is None and row["memory"] is None
             assert row["notes"]["torch_threads"] == peers_result["machine"]["torch_threads"] >= 1
             assert row["notes"]["layout"].startswith("time-major")
+            bf16 = "torch.autocast bfloat16"
+            assert row["notes"]["precision"] == (bf16 if name.endswith("bf16") else "float32")
         else:
             assert row["compile_s"] > 0 and row["memory"]["peak_bytes"] > 0
     linen = [

@@ -160,3 +160,17 @@ def test_layers_vmap_and_grad(bi_gru):
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads[0]["bwd"]["w_i"]).sum()) > 0
+
+
+def test_a_stack_may_start_with_an_embedding():
+    """Token models compose like any other: ``stack(embed, rnn, dense)`` finds each layer's
+    input size (the embedding reads int tokens, not features) and masks padding end to end."""
+    model = rj.layers.stack(
+        rj.layers.embed(10, 4), rj.layers.rnn(rj.cells.gru(6)), rj.layers.dense(10)
+    )
+    params = model.init(jax.random.key(0), 1)
+    assert params[1]["w_i"].shape == (4, 18) and params[2]["w"].shape == (6, 10)
+    _, logits = model.apply(params, jnp.array([3, 1, 4, 1]), length=3)
+    assert logits.shape == (4, 10) and bool((logits[3] == 0).all())
+    with pytest.raises(ValueError, match="embed expects int tokens of shape \\(T,\\)"):
+        model.apply(params, jnp.ones((4, 1)))

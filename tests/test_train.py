@@ -459,3 +459,23 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         if r.get("event") == "resume"
     ]
     assert len(resume_rows) == 1 and 200 <= resume_rows[0]["step"] < 800
+
+
+def test_plots_leave_matplotlibs_backend_alone(tmp_path):
+    """Writing loss.png must not switch the process's backend (in a notebook that would stop
+    every later inline plot)."""
+    import matplotlib
+
+    from rnnjax.train.fit import plot_losses
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        rows = [{"step": s, "split": "train", "loss": 1.0 / s} for s in (1, 2, 3)]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_losses(metrics, tmp_path / "loss.png")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)

@@ -295,13 +295,12 @@ def describe(row: dict[str, Any]) -> str:
 
 def plot_memory(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Peak RSS and fwd+bwd time against T, one line per mode (log-log axes), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure, not pyplot: no global backend switch (inline plots in notebooks keep working)
     from matplotlib import ticker
+    from matplotlib.figure import Figure
 
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    ax_mem, ax_time = fig.subplots(1, 2)
     rows = [r for r in result["results"] if r["status"] == "ok"]
     for mode in result["config"]["modes"]:
         mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["T"])
@@ -330,7 +329,6 @@ def plot_memory(result: dict[str, Any], path: str | os.PathLike) -> None:
     )
     fig.tight_layout()
     fig.savefig(Path(path), dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

@@ -471,18 +471,15 @@ def _ratio(row):
 def plot_peers(result: dict[str, Any], path: str | Path) -> None:
     """Bars of each peer's median time over rnnjax's (above 1: rnnjax is faster), one panel per
     cell and mode, grouped by shape; rnnjax's own time is in the shape's label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure, not pyplot: no global backend switch (inline plots in notebooks keep working)
     import numpy as np
+    from matplotlib.figure import Figure
 
     rows = result["results"]
     cells = list(dict.fromkeys(r["cell"] for r in rows))
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(
-        len(cells), len(MODES), figsize=(6.5 * len(MODES), 3.6 * len(cells)), squeeze=False
-    )
+    fig = Figure(figsize=(6.5 * len(MODES), 3.6 * len(cells)))
+    axes = fig.subplots(len(cells), len(MODES), squeeze=False)
     for i, cell in enumerate(cells):
         names = list(
             dict.fromkeys(
@@ -520,4 +517,3 @@ def plot_peers(result: dict[str, Any], path: str | Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

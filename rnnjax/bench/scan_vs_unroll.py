@@ -240,10 +240,9 @@ def plot_scan_vs_unroll(result: dict[str, Any], path: str | Path) -> None:
     step time, and XLA's peak-memory estimate of fwd+bwd, each against T (log-log). A candidate
     is drawn where it has a number; each panel's title names those with none (timed out or
     failed) from the smallest such T."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure, not pyplot: no global backend switch (inline plots in notebooks keep working)
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     rows = result["results"]
     cells = list(dict.fromkeys(r["cell"] for r in rows))
@@ -256,9 +255,8 @@ def plot_scan_vs_unroll(result: dict[str, Any], path: str | Path) -> None:
         ("peak memory, fwd+bwd (MiB)", "fwd+bwd",
          lambda r: r["memory"]["peak_bytes"] / 2**20 if r.get("memory") else None),
     ]  # fmt: skip
-    fig, axes = plt.subplots(
-        len(cells), len(panels), figsize=(4 * len(panels), 3.4 * len(cells) + 0.6), squeeze=False
-    )
+    fig = Figure(figsize=(4 * len(panels), 3.4 * len(cells) + 0.6))
+    axes = fig.subplots(len(cells), len(panels), squeeze=False)
     for i, cell in enumerate(cells):
         for j, (title, mode, value) in enumerate(panels):
             ax = axes[i][j]
@@ -282,7 +280,7 @@ def plot_scan_vs_unroll(result: dict[str, Any], path: str | Path) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("T")
             ax.grid(True, which="both", alpha=0.3)
-    handles = [plt.Line2D([], [], color=colors[c], marker="o", label=c) for c in candidates]
+    handles = [Line2D([], [], color=colors[c], marker="o", label=c) for c in candidates]
     fig.legend(handles=handles, loc="lower center", ncol=len(candidates), fontsize=8)
     config = result["config"]
     fig.suptitle(
@@ -292,4 +290,3 @@ def plot_scan_vs_unroll(result: dict[str, Any], path: str | Path) -> None:
     )
     fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -64,8 +66,40 @@ def matmul(a: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
     """``a @ w``. With a ``compute_dtype`` (e.g. bfloat16) both operands are cast to it and the
     product is accumulated and returned in the wider of their own dtypes (float32 params give a
     float32 result), so only the matmul runs in low precision: gates, state and the weights
-    themselves stay in float32 (mixed precision)."""
+    themselves stay in float32 (mixed precision).
+
+    The derivative is that of ``a @ w`` in the operands' own dtype, taken at the low-precision
+    forward's values (the rounding's derivative is the identity, as for any cast): so the
+    backward pass runs the float32 matmuls of the float32 cell, on the trajectory the bfloat16
+    forward took. Measured on a CPU with bfloat16 matmul units (BENCHMARKS.md), backward
+    matmuls with bfloat16 operands and float32 cotangents were slower than float32 ones."""
     if compute_dtype is None:
         return a @ w
+    return _low_precision_matmul(a, w, jnp.dtype(compute_dtype))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _low_precision_matmul(a: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
     out = jnp.promote_types(a.dtype, w.dtype)
     return jnp.matmul(a.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=out)
+
+
+def _low_precision_matmul_jvp(compute_dtype, primals, tangents):
+    a, w = primals
+    da, dw = tangents
+    out = _low_precision_matmul(a, w, compute_dtype)
+    terms = [
+        t for t in (_tangent(da, lambda: da @ w), _tangent(dw, lambda: a @ dw)) if t is not None
+    ]
+    if not terms:  # both symbolic zeros (custom_jvp then does not call this rule; kept total)
+        return out, jnp.zeros_like(out)
+    return out, functools.reduce(jnp.add, terms).astype(out.dtype)
+
+
+def _tangent(t, term):
+    """``term()``, or None where ``t`` is a symbolic zero (an input nobody differentiates, such
+    as the data ``x``): no matmul of zeros is built for it."""
+    return None if isinstance(t, SymbolicZero) else term()
+
+
+_low_precision_matmul.defjvp(_low_precision_matmul_jvp, symbolic_zeros=True)

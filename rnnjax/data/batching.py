@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 
@@ -111,6 +112,9 @@ class Normalizer:
     >>> norm = Normalizer.fit(np.array([[1.0], [3.0]]))
     >>> norm(np.array([[2.0]])).tolist(), norm.invert(np.array([[1.0]])).tolist()
     ([[0.0]], [[3.0]])
+    >>> import jax, jax.numpy as jnp
+    >>> jax.jit(lambda z: norm.invert(norm(z)))(jnp.array([[5.0]])).tolist()
+    [[5.0]]
     """
 
     def __init__(self, mean: np.ndarray, std: np.ndarray):
@@ -124,9 +128,15 @@ class Normalizer:
         return cls(train.mean(axis=0), np.where(std > 0, std, 1.0))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Standardise ``x``: numpy in, numpy out; a JAX array (also under ``jit``) stays one."""
+        if isinstance(x, jax.Array):
+            return (x - self.mean) / self.std
         return (np.asarray(x, np.float32) - self.mean) / self.std
 
     def invert(self, z: np.ndarray) -> np.ndarray:
+        """Undo :meth:`__call__`; as it, numpy or JAX."""
+        if isinstance(z, jax.Array):
+            return z * self.std + self.mean
         return np.asarray(z, np.float32) * self.std + self.mean
 
     def to_dict(self) -> dict:

@@ -296,17 +296,16 @@ def build(config: dict, run_dir: Path) -> Task:
         ]
 
     def plot(params, path):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # Figure, not pyplot: no global backend switch (inline plots in notebooks keep working)
+        from matplotlib.figure import Figure
 
         _, many = forecasts(params)
         i = len(roll_origins) - 1  # the last rollout: the most recent forecast
         o, at = int(roll_origins[i]), roll_origins[i : i + 1]
         back = min(o, max(3 * period, 2 * seq_len, 2 * horizon))
         ahead = np.arange(o, o + horizon)
-        fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+        fig = Figure(figsize=(8, 3.5), dpi=100)
+        ax = fig.subplots()
         ax.plot(np.arange(o - back, o), values[o - back : o], color="0.3", label="history")
         ax.plot(ahead, roll_truth[i], color="black", lw=2, label="truth")
         ax.plot(ahead, np.asarray(many[i]), color="C0", lw=2, label="model rollout")
@@ -322,7 +321,6 @@ def build(config: dict, run_dir: Path) -> Task:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
 
     if not state_path.exists():  # written only once every check has passed
         saved = {"normalizer": norm.to_dict(), "period": period}

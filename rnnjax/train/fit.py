@@ -84,17 +84,16 @@ def _scalars(metrics: dict) -> dict[str, float]:
 def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
     """Plot train and validation loss from a ``metrics.jsonl`` file into a PNG. Where a resumed
     run logged a step twice, the later line wins."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure, not pyplot: no global backend switch (inline plots in notebooks keep working)
+    from matplotlib.figure import Figure
 
     series: dict[str, dict[int, float]] = {}
     for line in Path(metrics_path).read_text().splitlines():
         row = json.loads(line)
         if "split" in row and "loss" in row and math.isfinite(row["loss"]):
             series.setdefault(row["split"], {})[row["step"]] = row["loss"]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     for split, points in sorted(series.items()):
         steps = sorted(points)
         ax.plot(
@@ -106,7 +105,6 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path)
-    plt.close(fig)
 
 
 def fit(
