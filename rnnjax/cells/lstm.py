@@ -67,8 +67,9 @@ def lstm(
       dtype: dtype of the params and the initial carry.
       compute_dtype: run the matmuls in this dtype (e.g. ``jnp.bfloat16``) with the products
         accumulated in ``dtype``; params, gates and the carry stay in ``dtype`` (mixed
-        precision). ``None``: compute in ``dtype``. On CPUs with AMX or AVX512-BF16 and on
-        GPUs this makes the forward pass several times faster at large sizes (BENCHMARKS.md).
+        precision). ``None``: compute in ``dtype``. On a CPU with AMX/AVX512-BF16 units this
+        measured 1.15-2.0x faster forward and 1.08-1.2x faster forward+backward, growing with
+        size (BENCHMARKS.md); the backward pass keeps float32 matmuls (see ``_common.matmul``).
       fused: attach the whole-sequence fast path (``rnnjax.cells._fused``): same values and
         derivatives, with the weight-gradient matmuls moved out of the BPTT loop. Off by
         default because on CPU it measured slower than the step scan (BENCHMARKS.md).
