@@ -574,7 +574,9 @@ def from_torch(module: torch.nn.Module) -> tuple[Layer, tuple]:
     ``layer.apply(params, x, length=n)`` gives torch's output (padded steps zero, as with
     ``pack_padded_sequence``) and a carry that :func:`final_states` turns into ``h_n``
     (``(h_n, c_n)`` for an LSTM). The weights are copied; later changes to the module do not
-    reach ``params``.
+    reach ``params``. On NVIDIA GPUs with TF32 (Ampere and later) JAX's default float32
+    matmuls round their inputs to 10-bit mantissas; to match torch to float32 tolerance there,
+    set ``jax.config.update("jax_default_matmul_precision", "highest")``.
 
     >>> import jax, jax.numpy as jnp, numpy as np, torch
     >>> from rnnjax.interop.torch import from_torch, final_states
