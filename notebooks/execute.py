@@ -22,14 +22,14 @@ from nbclient import NotebookClient
 HERE = Path(__file__).resolve().parent
 
 
-def execute(path: Path, *, small: bool, save: bool, timeout: int) -> float:
-    """Execute one notebook; returns the wall time in seconds. Raises on the first cell error."""
+def execute(path: Path, *, small: bool, timeout: int) -> nbformat.NotebookNode:
+    """The notebook at ``path``, executed top to bottom in a fresh kernel (not saved). Raises
+    ``nbclient.exceptions.CellExecutionError``, naming the cell, on the first cell error."""
     nb = nbformat.read(path, as_version=4)
     env = dict(os.environ)
     env.pop("RNNJAX_NOTEBOOK_SMALL", None)
     if small:
         env["RNNJAX_NOTEBOOK_SMALL"] = "1"
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         client = NotebookClient(
             nb,
@@ -39,10 +39,7 @@ def execute(path: Path, *, small: bool, save: bool, timeout: int) -> float:
             resources={"metadata": {"path": work}},
         )
         client.execute(env=env)  # the kernel's environment
-    seconds = time.perf_counter() - start
-    if save:
-        nbformat.write(nb, path)
-    return seconds
+    return nb
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"execute.py: no notebook {path}", file=sys.stderr)
             return 2
     for path in paths:
-        seconds = execute(path, small=args.small, save=args.save, timeout=args.timeout)
+        start = time.perf_counter()
+        nb = execute(path, small=args.small, timeout=args.timeout)
+        seconds = time.perf_counter() - start
+        if args.save:
+            nbformat.write(nb, path)
         print(f"{path.name}: ran in {seconds:.1f} s" + (", saved" if args.save else ""))
     return 0
 

@@ -152,8 +152,7 @@ def test_rnnjax_train_precision_flag_builds_bfloat16_cells(tmp_path):
     assert len(recurrent) == 2 and len(dots) == 3  # x @ w_i and h @ w_h; the head is float32
     from rnnjax.tasks.base import make_cell
 
-    old = dict(config, precision=None)
-    del old["precision"]  # a config.json from before --precision
+    old = {k: v for k, v in config.items() if k != "precision"}  # from before --precision
     cell = make_cell(old, 4)
     params = cell.init(jax.random.key(0), 2)
     step = jax.make_jaxpr(cell.step)(params, cell.initial_carry(params), jnp.ones(2))

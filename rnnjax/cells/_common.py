@@ -85,21 +85,15 @@ def _low_precision_matmul(a: jax.Array, w: jax.Array, compute_dtype) -> jax.Arra
 
 
 def _low_precision_matmul_jvp(compute_dtype, primals, tangents):
+    # JAX calls this rule only when some tangent is not a symbolic zero. A symbolic zero marks
+    # an input nobody differentiates (such as the data x): no matmul of zeros is built for it.
     a, w = primals
     da, dw = tangents
     out = _low_precision_matmul(a, w, compute_dtype)
-    terms = [
-        t for t in (_tangent(da, lambda: da @ w), _tangent(dw, lambda: a @ dw)) if t is not None
-    ]
-    if not terms:  # both symbolic zeros (custom_jvp then does not call this rule; kept total)
-        return out, jnp.zeros_like(out)
-    return out, functools.reduce(jnp.add, terms).astype(out.dtype)
-
-
-def _tangent(t, term):
-    """``term()``, or None where ``t`` is a symbolic zero (an input nobody differentiates, such
-    as the data ``x``): no matmul of zeros is built for it."""
-    return None if isinstance(t, SymbolicZero) else term()
+    terms = [da @ w] if not isinstance(da, SymbolicZero) else []
+    if not isinstance(dw, SymbolicZero):
+        terms.append(a @ dw)
+    return out, sum(terms[1:], terms[0]).astype(out.dtype)
 
 
 _low_precision_matmul.defjvp(_low_precision_matmul_jvp, symbolic_zeros=True)

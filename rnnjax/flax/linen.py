@@ -27,6 +27,7 @@ import numpy as np
 
 from rnnjax.cells import elman, gru, lstm
 from rnnjax.core import Carry, Cell, Layer
+from rnnjax.flax._batch import apply_batch
 
 __all__ = ["RNNCell", "RNNLayer", "cell_from_flax", "from_flax_params", "to_flax_params"]
 
@@ -175,21 +176,9 @@ class RNNLayer(nn.Module):
                 "add a batch axis, xs[None]" if np.ndim(xs) == 2 else "batch, time and feature axes"
             )
             raise ValueError(f"RNNLayer expects xs of shape (B, T, I), got {np.shape(xs)}: {fix}")
-        batch = np.shape(xs)[0]
-        if seq_lengths is not None and np.shape(seq_lengths) != (batch,):
-            raise ValueError(
-                f"RNNLayer expects seq_lengths of shape (B,) = ({batch},), "
-                f"got {np.shape(seq_lengths)}: one length per sequence"
-            )
         params = self.param("layer", self.layer.init, np.shape(xs)[-1])
-        keys = None
-        if not deterministic:
-            keys = jax.random.split(self.make_rng("dropout"), batch)
-
-        def one(x, n, m, c, k):
-            return self.layer.apply(params, x, length=n, mask=m, carry=c, key=k)
-
-        return jax.vmap(one)(xs, seq_lengths, mask, initial_carry, keys)
+        key = None if deterministic else self.make_rng("dropout")
+        return apply_batch(self.layer, params, xs, seq_lengths, mask, initial_carry, key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rnnjax.core import Carry, Cell, Layer
+from rnnjax.flax._batch import apply_batch
 from rnnjax.layers import rnn
 
 __all__ = ["RNN", "RNNLayer"]
@@ -116,19 +117,10 @@ class RNNLayer(nnx.Module):
             raise ValueError(
                 f"RNNLayer expects xs of shape (B, T, {self.input_size}), got {np.shape(xs)}: {fix}"
             )
-        batch = np.shape(xs)[0]
-        if seq_lengths is not None and np.shape(seq_lengths) != (batch,):
-            raise ValueError(
-                f"RNNLayer expects seq_lengths of shape (B,) = ({batch},), "
-                f"got {np.shape(seq_lengths)}: one length per sequence"
-            )
-        keys = None if self.deterministic else jax.random.split(self.rngs(), batch)
-        params = self.layer_params()
-
-        def one(x, n, m, c, k):
-            return self.layer.apply(params, x, length=n, mask=m, carry=c, key=k)
-
-        return jax.vmap(one)(xs, seq_lengths, mask, initial_carry, keys)
+        key = None if self.deterministic else self.rngs()
+        return apply_batch(
+            self.layer, self.layer_params(), xs, seq_lengths, mask, initial_carry, key
+        )
 
 
 class RNN(RNNLayer):
