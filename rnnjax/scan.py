@@ -158,6 +158,12 @@ def _step_fn(cell: Cell, params: Params):
     return step
 
 
+def scan_steps(cell: Cell, params: Params, xs, carry, real, *, reverse: bool, unroll):
+    """``lax.scan`` of ``cell.step`` over checked inputs, whatever ``cell.sequence`` is: the
+    loop a cell's whole-sequence fast path falls back to when it does not apply."""
+    return lax.scan(_step_fn(cell, params), carry, (xs, real, None), reverse=reverse, unroll=unroll)
+
+
 # Rematerialization (remat=): which steps' carries are stored, how segments are recomputed.
 
 

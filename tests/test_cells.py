@@ -20,9 +20,10 @@ LAYOUTS = {
 def test_cell_is_a_namedtuple_of_pure_functions(cell, cell_name):
     assert isinstance(cell, rj.Cell)
     assert cell._fields == ("init", "initial_carry", "step", "sequence")
-    # The optional whole-sequence fast path is opt-in (fused=True, tests/test_fused.py); a
-    # three-field Cell(init, initial_carry, step) still works.
-    assert cell.sequence is None
+    # The optional whole-sequence fast path: the LSTM's native kernels by default
+    # (tests/test_native.py), fused=True for the others (tests/test_fused.py); a three-field
+    # Cell(init, initial_carry, step) still works.
+    assert (cell.sequence is not None) == (cell_name == "lstm" and rj._native.available())
     assert rj.Cell(cell.init, cell.initial_carry, cell.step).sequence is None
 
 

@@ -3,11 +3,13 @@ projected form (LSTMP, Sak et al. 2014; PyTorch's ``proj_size``)."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from rnnjax.cells import _native as native_lstm
 from rnnjax.cells._common import (
     Initializer,
     check_compute_dtype,
@@ -42,6 +44,7 @@ def lstm(
     dtype: jnp.dtype = jnp.float32,
     compute_dtype: jnp.dtype | None = None,
     fused: bool = False,
+    native: bool | None = None,
 ) -> Cell:
     """An LSTM cell, PyTorch's ``nn.LSTM`` step.
 
@@ -74,6 +77,15 @@ def lstm(
         derivatives, with the weight-gradient matmuls moved out of the BPTT loop. Off by
         default because on CPU it measured slower than the step scan (BENCHMARKS.md).
         There is no fast path for a projected LSTM: ``proj_size`` with ``fused=True`` raises.
+      native: run whole sequences with rnnjax's compiled CPU kernels (``rnnjax/_native``: the
+        recurrence as one C++ loop per layer, BPTT as another, weight gradients as single
+        large matmuls; see ``rnnjax.cells._native``). ``None`` (the default): whenever they
+        can, that is when they are compiled and loaded (``rnnjax._native.available()``),
+        JAX's default backend is the CPU, everything is float32 and the cell has no
+        ``proj_size``, ``compute_dtype`` or ``fused``; otherwise, and for sequences with
+        ``reset`` flags, ``remat`` or recurrent dropout, the ``lax.scan`` of ``step`` runs,
+        with the same values and derivatives (to float32 rounding). ``True``: require them
+        (errors say why they cannot run); ``False``: never. ``unroll`` has no effect on them.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.lstm(4)
@@ -108,6 +120,7 @@ def lstm(
             "the unprojected h; use fused=False (the default) with a projection"
         )
     rows = hs if proj_size is None else proj_size  # the size of h, which meets W_h
+    use_native = _check_native(native, proj_size, compute_dtype, fused, dtype)
 
     def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
         check_size("lstm.init", "input_size", input_size)
@@ -140,4 +153,52 @@ def lstm(
                 h = matmul(h, params["w_p"], compute_dtype)
         return LSTMState(h, c), h
 
-    return Cell(init, initial_carry, step, lstm_sequence if fused else None)
+    if not use_native:
+        return Cell(init, initial_carry, step, lstm_sequence if fused else None)
+    step_cell = Cell(init, initial_carry, step)
+
+    def sequence(params, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None):
+        arrays = (xs, carry.h, carry.c, *params.values())
+        if recurrent_mask is None and native_lstm.ready() and native_lstm.float32(*arrays):
+            ys, h, c = native_lstm.lstm_sequence(
+                params, xs, carry.h, carry.c, real, reverse=reverse
+            )
+            return LSTMState(h, c), ys
+        if native is True and recurrent_mask is None:
+            native_lstm.explain(*arrays)
+        from rnnjax.scan import scan_steps
+
+        run = step_cell
+        if recurrent_mask is not None:
+            run = step_cell._replace(step=functools.partial(step, recurrent_mask=recurrent_mask))
+        return scan_steps(run, params, xs, carry, real, reverse=reverse, unroll=unroll)
+
+    return Cell(init, initial_carry, step, sequence)
+
+
+def _check_native(native, proj_size, compute_dtype, fused, dtype) -> bool:
+    """Whether the cell gets the native sequence path (``None``: when it could apply)."""
+    if native is not None and not isinstance(native, bool):
+        raise TypeError(f"lstm expects native to be None, True or False, got {native!r}")
+    blockers = [
+        (proj_size is not None, f"proj_size={proj_size}"),
+        (
+            compute_dtype is not None,
+            f"compute_dtype={getattr(compute_dtype, 'name', compute_dtype)}",
+        ),
+        (fused, "fused=True"),
+        (jnp.dtype(dtype) != jnp.float32, f"dtype={jnp.dtype(dtype).name}"),
+    ]
+    blocked = [why for hit, why in blockers if hit]
+    if native is True:
+        if blocked:
+            raise ValueError(
+                f"lstm(native=True) with {', '.join(blocked)}: the native kernels run the plain "
+                "float32 LSTM only; drop those options or use native=None"
+            )
+        if not native_lstm.available():
+            raise RuntimeError(
+                f"lstm(native=True): the native CPU kernels are unavailable: "
+                f"{native_lstm.unavailable_reason()}"
+            )
+    return native is not False and not blocked

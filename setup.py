@@ -1,0 +1,66 @@
+"""Builds rnnjax's optional compiled CPU kernels (``rnnjax/_native/rnn_cpu.cc``).
+
+Everything else about the package is in ``pyproject.toml``. The kernels are XLA FFI handlers;
+their headers ship with jaxlib (a build requirement). Compiling is best effort: without a C++17
+compiler the install still succeeds, with a warning, and rnnjax runs its ``lax.scan`` loops
+(``rnnjax._native.unavailable_reason()`` says why). ``RNNJAX_NATIVE_BUILD=0`` skips the build;
+``RNNJAX_NATIVE_CFLAGS`` replaces the optimisation flags (the default tunes for this machine's
+CPU with ``-march=native``, as a source build is compiled where it runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+SOURCE = "rnnjax/_native/rnn_cpu.cc"
+TUNED = ["-O3", "-march=native", "-fopenmp-simd"]
+PORTABLE = ["-O3", "-fopenmp-simd"]
+
+
+class BuildNative(build_ext):
+    """Compile the FFI library directly with the C++ compiler (it is not a Python module and
+    needs no Python headers); warn instead of failing when that is impossible."""
+
+    def build_extension(self, ext: Extension) -> None:
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("RNNJAX_NATIVE_BUILD", "1") == "0":
+            self.warn("rnnjax: RNNJAX_NATIVE_BUILD=0, not compiling the native CPU kernels")
+            return
+        try:
+            import jaxlib
+
+            include = Path(jaxlib.__file__).resolve().parent / "include"
+        except ImportError:
+            self.warn("rnnjax: jaxlib is not importable at build time; skipping native kernels")
+            return
+        compiler = os.environ.get("CXX", "c++")
+        custom = os.environ.get("RNNJAX_NATIVE_CFLAGS")
+        attempts = [shlex.split(custom)] if custom else [TUNED, PORTABLE]
+        for flags in attempts:
+            cmd = [
+                compiler, *flags, "-std=c++17", "-fPIC", "-shared", f"-I{include}",
+                *ext.sources, "-o", str(target),
+            ]  # fmt: skip
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as err:
+                self.warn(f"rnnjax: no C++ compiler ({compiler}: {err}); skipping native kernels")
+                return
+            if done.returncode == 0:
+                return
+            print(done.stderr[-4000:], file=sys.stderr)
+        self.warn("rnnjax: compiling the native CPU kernels failed; rnnjax will use lax.scan loops")
+
+
+setup(
+    ext_modules=[Extension("rnnjax._native._rnn_cpu", sources=[SOURCE])],
+    cmdclass={"build_ext": BuildNative},
+)

@@ -1,0 +1,329 @@
+"""rnnjax's compiled CPU LSTM kernels (rnnjax/_native, rnnjax.cells._native).
+
+``rj.cells.lstm`` runs whole sequences with them by default on the CPU; the same cell with
+``native=False`` is the plain step-by-step ``lax.scan``, itself checked against stepping by hand,
+PyTorch and finite differences elsewhere (``tests/test_reference.py`` compares the default,
+native, cell with PyTorch's ``nn.LSTM`` on packed and reversed batches). Here: the kernels are
+built and taken, values and every kind of derivative equal the step scan's, batching in all
+its forms, the fallbacks, PyTorch, and errors.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import rnnjax as rj
+from rnnjax import _native
+from rnnjax.cells import _native as native_lstm
+
+T, I, H, B = 6, 3, 5, 4
+LENGTHS = np.array([T, 2, 0, 5])
+MODES = {
+    "full": {},
+    "reverse": {"reverse": True},
+    "length": {"length": True},
+    "reverse_length": {"reverse": True, "length": True},
+    "mask": {"mask": np.array([True, False, True, True, False, True])},
+}
+TOL = 2e-5  # float32: the kernels sum in another order than XLA
+
+
+def setup(seed=0):
+    cell = rj.cells.lstm(H)
+    params = cell.init(jax.random.key(seed), I)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 8))
+    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), params)
+    xs = jax.random.normal(next(keys), (B, T, I))
+    carry = jax.tree.map(lambda a: 0.3 + 0.1 * a, cell.initial_carry(params))
+    return cell, params, xs, carry
+
+
+def batched_run(cell, mode):
+    kw = dict(MODES[mode])
+    use_length = kw.pop("length", False)
+
+    def run(params, xs, carry):
+        def one(x, n):
+            return rj.scan(cell, params, x, carry, length=n if use_length else None, **kw)
+
+        return jax.vmap(one)(xs, jnp.asarray(LENGTHS))
+
+    return run
+
+
+def loss_of(run):
+    def loss(params, xs, carry):
+        final, ys = run(params, xs, carry)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(final.h**2) + jnp.sum(jnp.cos(final.c))
+
+    return loss
+
+
+def assert_close(a, b, tol=TOL):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        scale = max(1.0, float(np.abs(np.asarray(y)).max()))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol * scale, rtol=0)
+
+
+def derivatives(run):
+    """Outputs, gradients, forward-mode tangents and Hessian-vector products w.r.t. params,
+    inputs and the starting carry, under one jit."""
+    argnums = (0, 1, 2)
+
+    @jax.jit
+    def all_of_them(args, tangent):
+        grad = jax.grad(loss_of(run), argnums)
+        return (
+            run(*args),
+            grad(*args),
+            jax.jvp(run, args, tangent)[1],
+            jax.jvp(grad, args, tangent)[1],
+        )
+
+    return all_of_them
+
+
+def test_the_kernels_are_built_and_loaded():
+    """The README's install compiles them; CI must exercise them, not the fallback."""
+    assert _native.available(), _native.unavailable_reason()
+    assert _native.library_path() is not None
+    assert native_lstm.ready()
+
+
+def _hlo(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_the_default_lstm_runs_the_kernels_forward_and_backward():
+    cell, params, xs, carry = setup()
+    run = batched_run(cell, "length")
+    hlo = _hlo(jax.grad(loss_of(run)), params, xs, carry)
+    assert 'custom_call_target="rnnjax_lstm_forward"' in hlo
+    assert 'custom_call_target="rnnjax_lstm_backward"' in hlo
+    assert "while" not in hlo  # no XLA loop left: the recurrence is native both ways
+    plain = batched_run(rj.cells.lstm(H, native=False), "length")
+    plain_hlo = _hlo(jax.grad(loss_of(plain)), params, xs, carry)
+    assert "rnnjax_lstm" not in plain_hlo and "while" in plain_hlo
+
+
+def test_which_cells_get_the_native_path():
+    assert rj.cells.lstm(H).sequence is not None
+    assert rj.cells.lstm(H, native=False).sequence is None
+    assert rj.cells.lstm(H, native=True).sequence is not None
+    # Options the kernels do not cover keep their own paths.
+    assert rj.cells.lstm(H, proj_size=2).sequence is None
+    assert rj.cells.lstm(H, compute_dtype=jnp.bfloat16).sequence is None
+    fused = rj.cells.lstm(H, fused=True)
+    _, params, xs, carry = setup()
+    text = str(jax.make_jaxpr(batched_run(fused, "length"))(params, xs, carry))
+    assert "rnnjax_lstm" not in text
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_native_equals_step_scan_to_second_order(mode):
+    cell, params, xs, carry = setup()
+    args = (params, xs, carry)
+    tangent = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape)), args)
+    fast = derivatives(batched_run(cell, mode))(args, tangent)
+    ref = derivatives(batched_run(cell._replace(sequence=None), mode))(args, tangent)
+    assert_close(fast, ref)
+
+
+def test_per_example_gradients_and_nested_vmap():
+    """vmap of grad (per-example weight gradients: the kernels' summed weight gradients do not
+    apply, the references run) and a vmap of a vmap (folded into one batch)."""
+    cell, params, xs, carry = setup()
+
+    def per_example(cell):
+        def one(x, n):
+            return jax.grad(lambda p: jnp.sum(jnp.sin(rj.scan(cell, p, x, carry, length=n)[1])))(
+                params
+            )
+
+        return jax.jit(jax.vmap(one))(xs, jnp.asarray(LENGTHS))
+
+    assert_close(per_example(cell), per_example(cell._replace(sequence=None)))
+
+    def nested(cell):
+        def run(p, x):
+            return jax.vmap(jax.vmap(lambda x: rj.scan(cell, p, x)[1]))(x)
+
+        def loss(p, x):
+            return jnp.sum(jnp.sin(run(p, x)))
+
+        x2 = xs.reshape(2, 2, T, I)
+        return jax.jit(run)(params, x2), jax.jit(jax.grad(loss))(params, x2)
+
+    assert_close(nested(cell), nested(cell._replace(sequence=None)))
+
+
+def test_vmap_over_params_falls_back_to_the_references():
+    """An ensemble (vmap over params): per-example weights have no kernel; same results."""
+    cell, params, xs, carry = setup()
+    ensemble = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), params)
+
+    def run(cell):
+        f = lambda p: jnp.sum(jnp.tanh(rj.scan(cell, p, xs[0], carry)[1]))  # noqa: E731
+        return jax.jit(jax.vmap(jax.value_and_grad(f)))(ensemble)
+
+    assert_close(run(cell), run(cell._replace(sequence=None)))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernels_equal_the_reference_primitives(reverse):
+    """The C++ forward and backward against the pure-JAX references they are tested by
+    (the same functions are the lowering off the CPU), and the backward is the transpose of
+    the tangent."""
+    k = iter(jax.random.split(jax.random.key(3), 12))
+    x = jax.random.normal(next(k), (B, T, I))
+    w_i = 0.5 * jax.random.normal(next(k), (I, 4 * H))
+    b = 0.1 * jax.random.normal(next(k), (4 * H,))
+    w_h = 0.4 * jax.random.normal(next(k), (H, 4 * H))
+    h0, c0 = jax.random.normal(next(k), (2, B, H))
+    mask = jax.random.uniform(next(k), (B, T)) > 0.3
+    args = (x, w_i, b, w_h, h0, c0, mask)
+    fwd = jax.jit(lambda *a: native_lstm.forward_p.bind(*a, reverse=reverse, save=True))
+    out = tuple(fwd(*args))
+    assert_close(out, native_lstm.forward_reference(*args, reverse=reverse))
+    ys, _, _, h_prev, res = out
+    cts = (jnp.sin(ys), h0 * 0.3, c0 * 0.7)
+    rest = (x, w_i, w_h, h_prev, res, mask)
+    bwd = jax.jit(lambda *a: native_lstm.backward_p.bind(*a, reverse=reverse, need_dx=True))
+    got = tuple(bwd(*cts, *rest))
+    ref = native_lstm.backward_reference(*cts, *rest, reverse=reverse, need_dx=True)
+    assert_close(got, ref)
+
+    def tangent(*d):
+        return native_lstm.tangent_reference(*d, *rest, reverse=reverse)
+
+    transpose = jax.linear_transpose(tangent, x, w_i, b, w_h, h0, c0)
+    assert_close(transpose(cts), ref)
+
+
+def test_matches_torch_lstm_with_packed_lengths():
+    """Forward, final states and BPTT gradients against nn.LSTM at a few hundred units."""
+    b, t, i, h = 3, 11, 7, 33
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(i, h, batch_first=True)
+    layer, params = rj.interop.torch.from_torch(module)
+    assert layer is not None
+    x = np.random.default_rng(0).normal(size=(b, t, i)).astype(np.float32)
+    lengths = np.array([11, 4, 7])
+    xt = torch.tensor(x, requires_grad=True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        xt, lengths, batch_first=True, enforce_sorted=False
+    )
+    out, (hn, cn) = module(packed)
+    yt, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=t)
+    (torch.sin(yt).sum() + (hn**2).sum()).backward()
+
+    def loss(params, x):
+        carry, ys = jax.vmap(lambda x, n: layer.apply(params, x, length=n))(x, lengths)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(carry[0].h ** 2), ys
+
+    (_, ys), (gp, gx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+    assert_close(ys, yt.detach().numpy(), tol=1e-5)
+    assert_close(gx, xt.grad.numpy(), tol=1e-5)
+    assert_close(gp[0]["w_h"], module.weight_hh_l0.grad.numpy().T, tol=1e-5)
+    assert_close(gp[0]["w_i"], module.weight_ih_l0.grad.numpy().T, tol=1e-5)
+    assert_close(gp[0]["b"], module.bias_ih_l0.grad.numpy(), tol=1e-5)
+    text = str(jax.make_jaxpr(loss)(params, x))
+    assert "rnnjax_lstm_forward" in text
+
+
+def test_layers_bidirectional_stack_and_fallbacks_agree():
+    """A bidirectional stack with dropout (recurrent dropout and remat fall back to the step
+    scan inside the same model) equals the model built from native=False cells."""
+    _, params, xs, _ = setup()
+
+    def model(native):
+        cell = lambda: rj.cells.lstm(H, native=native)  # noqa: E731
+        return rj.layers.stack(
+            rj.layers.bidirectional(rj.layers.rnn(cell()), rj.layers.rnn(cell())),
+            rj.layers.rnn(cell(), recurrent_dropout=0.3),
+            rj.layers.rnn(cell(), remat="sqrt"),
+        )
+
+    fast, slow = model(None), model(False)
+    p = fast.init(jax.random.key(4), I)
+    key = jax.random.key(6)
+
+    def loss(layer):
+        def f(p):
+            ys = jax.vmap(lambda x, n, k: layer.apply(p, x, length=n, key=k)[1])(
+                xs, jnp.asarray(LENGTHS), jax.random.split(key, B)
+            )
+            return jnp.sum(jnp.sin(ys))
+
+        return jax.jit(jax.value_and_grad(f))
+
+    assert_close(loss(fast)(p), loss(slow)(p))
+    assert "rnnjax_lstm_forward" in str(jax.make_jaxpr(loss(fast))(p))
+
+
+def test_empty_sequence_and_batch():
+    cell, params, _, carry = setup()
+    final, ys = rj.scan(cell, params, jnp.zeros((0, I)), carry)
+    assert ys.shape == (0, H)
+    assert_close(final, carry)
+    ys = jax.vmap(lambda x: rj.scan(cell, params, x)[1])(jnp.zeros((0, T, I)))
+    assert ys.shape == (0, T, H)
+
+
+def test_errors_name_what_was_expected():
+    with pytest.raises(TypeError, match="native to be None, True or False, got 'yes'"):
+        rj.cells.lstm(H, native="yes")
+    for kw, what in [
+        ({"proj_size": 2}, "proj_size=2"),
+        ({"compute_dtype": jnp.bfloat16}, "compute_dtype=bfloat16"),
+        ({"fused": True}, "fused=True"),
+        ({"dtype": jnp.float16}, "dtype=float16"),
+    ]:
+        with pytest.raises(ValueError, match=rf"lstm\(native=True\) with {what}"):
+            rj.cells.lstm(H, native=True, **kw)
+    cell, params, _, _ = setup()
+    with pytest.raises(ValueError, match=r"lstm.step expects x of shape \(3,\), got \(5,\)"):
+        rj.scan(cell, params, jnp.ones((T, 5)))
+    # float64 params and inputs cannot run on float32 kernels: native=True says so, the
+    # default falls back to the step scan.
+    with jax.enable_x64(True):
+        x64 = jnp.ones((T, I), jnp.float64)
+        p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        with pytest.raises(TypeError, match=r"runs float32 only, got .*float64"):
+            rj.scan(rj.cells.lstm(H, native=True), p64, x64)
+        _, ys = rj.scan(rj.cells.lstm(H), p64, x64)
+        assert ys.dtype == jnp.float64
+
+
+def test_switched_off_by_the_environment():
+    """RNNJAX_NATIVE=0 (in a real subprocess): unavailable with the reason, default cells run
+    the step scan, native=True refuses."""
+    code = (
+        "import jax, jax.numpy as jnp, rnnjax as rj\n"
+        "from rnnjax import _native\n"
+        "print(_native.available(), _native.unavailable_reason())\n"
+        "cell = rj.cells.lstm(4)\n"
+        "p = cell.init(jax.random.key(0), 3)\n"
+        "run = lambda p: rj.scan(cell, p, jnp.ones((5, 3)))\n"
+        "print('rnnjax_lstm' in str(jax.make_jaxpr(run)(p)))\n"
+        "try:\n"
+        "    rj.cells.lstm(4, native=True)\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "RNNJAX_NATIVE": "0", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "False switched off by RNNJAX_NATIVE=0"
+    assert lines[1] == "False"
+    assert "native CPU kernels are unavailable: switched off by RNNJAX_NATIVE=0" in lines[2]
