@@ -33,8 +33,9 @@ class Cell(NamedTuple):
         unroll, recurrent_mask=None) -> (carry, ys)`` with ``real`` the ``(T,)`` bool mask of
         real steps or None. It must give exactly what scanning ``step`` gives;
         :func:`rnnjax.scan` uses it when there are no ``reset`` flags and no ``remat``.
-        The built-in cells have one (``rnnjax.cells._fused``); ``cell._replace(sequence=None)``
-        forces the step-by-step scan.
+        The float32 LSTM and GRU have one by default, rnnjax's compiled CPU kernels
+        (``rnnjax.cells._native``), and ``fused=True`` cells another (``rnnjax.cells._fused``);
+        ``cell._replace(sequence=None)`` forces the step-by-step scan.
     """
 
     init: Callable[[PRNGKey, int], Params]

@@ -254,9 +254,10 @@ def _loop_remat(step, carry, inputs, steps: int, remat: Remat, reverse: bool):
 def _fast_path(cell: Cell, xs: Any, reset: Any, remat: Remat) -> bool:
     """Whether :func:`scan` runs the cell's whole-sequence ``sequence`` instead of its step.
 
-    The built-in cells' fast path (``rnnjax.cells._fused``) computes the same values with the
-    weight-gradient work moved out of the loop; it covers masks, ``reverse`` and ``unroll``,
-    while ``reset`` flags, ``remat`` and pytree inputs take the step-by-step scan.
+    The built-in cells' fast paths (the native CPU kernels of ``rnnjax.cells._native``, the
+    ``fused=True`` path of ``rnnjax.cells._fused``) compute the same values with the
+    weight-gradient work moved out of the loop; they cover masks and ``reverse``, while
+    ``reset`` flags, ``remat`` and pytree inputs take the step-by-step scan.
     """
     return (
         cell.sequence is not None

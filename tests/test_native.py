@@ -1,11 +1,11 @@
-"""rnnjax's compiled CPU LSTM kernels (rnnjax/_native, rnnjax.cells._native).
+"""rnnjax's compiled CPU LSTM and GRU kernels (rnnjax/_native, rnnjax.cells._native).
 
-``rj.cells.lstm`` runs whole sequences with them by default on the CPU; the same cell with
-``native=False`` is the plain step-by-step ``lax.scan``, itself checked against stepping by hand,
-PyTorch and finite differences elsewhere (``tests/test_reference.py`` compares the default,
-native, cell with PyTorch's ``nn.LSTM`` on packed and reversed batches). Here: the kernels are
-built and taken, values and every kind of derivative equal the step scan's, batching in all
-its forms, the fallbacks, PyTorch, and errors.
+``rj.cells.lstm`` and ``rj.cells.gru`` run whole sequences with them by default on the CPU; the
+same cell with ``native=False`` is the plain step-by-step ``lax.scan``, itself checked against
+stepping by hand, PyTorch and finite differences elsewhere (``tests/test_reference.py`` compares
+the default, native, cells with PyTorch's ``nn.LSTM``/``nn.GRU`` on packed and reversed
+batches). Here: the kernels are built and taken, values and every kind of derivative equal the
+step scan's, batching in all its forms, the fallbacks, PyTorch, and errors.
 """
 
 import os
@@ -32,10 +32,11 @@ MODES = {
     "mask": {"mask": np.array([True, False, True, True, False, True])},
 }
 TOL = 2e-5  # float32: the kernels sum in another order than XLA
+CELLS = {"lstm": rj.cells.lstm, "gru": rj.cells.gru}
 
 
-def setup(seed=0):
-    cell = rj.cells.lstm(H)
+def setup(seed=0, name="lstm"):
+    cell = CELLS[name](H)
     params = cell.init(jax.random.key(seed), I)
     keys = iter(jax.random.split(jax.random.key(seed + 1), 8))
     params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), params)
@@ -60,7 +61,7 @@ def batched_run(cell, mode):
 def loss_of(run):
     def loss(params, xs, carry):
         final, ys = run(params, xs, carry)
-        return jnp.sum(jnp.sin(ys)) + jnp.sum(final.h**2) + jnp.sum(jnp.cos(final.c))
+        return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(c) * c) for c in jax.tree.leaves(final))
 
     return loss
 
@@ -114,6 +115,10 @@ def test_the_default_lstm_runs_the_kernels_forward_and_backward():
 
 
 def test_which_cells_get_the_native_path():
+    assert rj.cells.gru(H).sequence is not None
+    assert rj.cells.gru(H, native=False).sequence is None
+    assert rj.cells.gru(H, reset_after=False).sequence is None
+    assert rj.cells.elman(H).sequence is None
     assert rj.cells.lstm(H).sequence is not None
     assert rj.cells.lstm(H, native=False).sequence is None
     assert rj.cells.lstm(H, native=True).sequence is not None
@@ -126,9 +131,11 @@ def test_which_cells_get_the_native_path():
     assert "rnnjax_lstm" not in text
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_native_equals_step_scan_to_second_order(mode):
-    cell, params, xs, carry = setup()
+@pytest.mark.parametrize(
+    ("name", "mode"), [("lstm", m) for m in MODES] + [("gru", m) for m in MODES]
+)
+def test_native_equals_step_scan_to_second_order(name, mode):
+    cell, params, xs, carry = setup(name=name)
     args = (params, xs, carry)
     tangent = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape)), args)
     fast = derivatives(batched_run(cell, mode))(args, tangent)
@@ -136,10 +143,11 @@ def test_native_equals_step_scan_to_second_order(mode):
     assert_close(fast, ref)
 
 
-def test_per_example_gradients_and_nested_vmap():
+@pytest.mark.parametrize("name", list(CELLS))
+def test_per_example_gradients_and_nested_vmap(name):
     """vmap of grad (per-example weight gradients: the kernels' summed weight gradients do not
     apply, the references run) and a vmap of a vmap (folded into one batch)."""
-    cell, params, xs, carry = setup()
+    cell, params, xs, carry = setup(name=name)
 
     def per_example(cell):
         def one(x, n):
@@ -164,9 +172,10 @@ def test_per_example_gradients_and_nested_vmap():
     assert_close(nested(cell), nested(cell._replace(sequence=None)))
 
 
-def test_vmap_over_params_falls_back_to_the_references():
+@pytest.mark.parametrize("name", list(CELLS))
+def test_vmap_over_params_falls_back_to_the_references(name):
     """An ensemble (vmap over params): per-example weights have no kernel; same results."""
-    cell, params, xs, carry = setup()
+    cell, params, xs, carry = setup(name=name)
     ensemble = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), params)
 
     def run(cell):
@@ -177,74 +186,84 @@ def test_vmap_over_params_falls_back_to_the_references():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_kernels_equal_the_reference_primitives(reverse):
+@pytest.mark.parametrize("name", list(CELLS))
+def test_kernels_equal_the_reference_primitives(name, reverse):
     """The C++ forward and backward against the pure-JAX references they are tested by
     (the same functions are the lowering off the CPU), and the backward is the transpose of
     the tangent."""
+    kernels = native_lstm.LSTM if name == "lstm" else native_lstm.GRU
+    g = 4 if name == "lstm" else 3
     k = iter(jax.random.split(jax.random.key(3), 12))
     x = jax.random.normal(next(k), (B, T, I))
-    w_i = 0.5 * jax.random.normal(next(k), (I, 4 * H))
-    b = 0.1 * jax.random.normal(next(k), (4 * H,))
-    w_h = 0.4 * jax.random.normal(next(k), (H, 4 * H))
-    h0, c0 = jax.random.normal(next(k), (2, B, H))
+    w_i = 0.5 * jax.random.normal(next(k), (I, g * H))
+    w_h = 0.4 * jax.random.normal(next(k), (H, g * H))
+    biases = [0.1 * jax.random.normal(next(k), (g * H,)) for _ in range(kernels.n_weights - 2)]
+    weights = (w_i, biases[0], w_h, *biases[1:])
+    state = tuple(jax.random.normal(next(k), (kernels.n_state, B, H)))
     mask = jax.random.uniform(next(k), (B, T)) > 0.3
-    args = (x, w_i, b, w_h, h0, c0, mask)
-    fwd = jax.jit(lambda *a: native_lstm.forward_p.bind(*a, reverse=reverse, save=True))
+    args = (x, *weights, *state, mask)
+    fwd = jax.jit(lambda *a: kernels.forward.bind(*a, reverse=reverse, save=True))
     out = tuple(fwd(*args))
-    assert_close(out, native_lstm.forward_reference(*args, reverse=reverse))
-    ys, _, _, h_prev, res = out
-    cts = (jnp.sin(ys), h0 * 0.3, c0 * 0.7)
+    assert_close(out, tuple(native_lstm.reference(kernels.forward)(*args, reverse=reverse)))
+    ys, h_prev, res = out[0], out[-2], out[-1]
+    cts = (jnp.sin(ys), *(0.3 * s for s in state))
     rest = (x, w_i, w_h, h_prev, res, mask)
-    bwd = jax.jit(lambda *a: native_lstm.backward_p.bind(*a, reverse=reverse, need_dx=True))
+    bwd = jax.jit(lambda *a: kernels.backward.bind(*a, reverse=reverse, need_dx=True))
     got = tuple(bwd(*cts, *rest))
-    ref = native_lstm.backward_reference(*cts, *rest, reverse=reverse, need_dx=True)
-    assert_close(got, ref)
+    backward = native_lstm.reference(kernels.backward)
+    assert_close(got, tuple(backward(*cts, *rest, reverse=reverse, need_dx=True)))
 
     def tangent(*d):
-        return native_lstm.tangent_reference(*d, *rest, reverse=reverse)
+        return native_lstm.reference(kernels.tangent)(*d, *rest, reverse=reverse)
 
-    transpose = jax.linear_transpose(tangent, x, w_i, b, w_h, h0, c0)
-    assert_close(transpose(cts), ref)
+    transpose = jax.linear_transpose(tangent, x, *weights, *state)
+    assert_close(got, tuple(transpose(cts)))
 
 
-def test_matches_torch_lstm_with_packed_lengths():
-    """Forward, final states and BPTT gradients against nn.LSTM at a few hundred units."""
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_matches_torch_with_packed_lengths(kind):
+    """Forward, final states and BPTT gradients against nn.LSTM / nn.GRU."""
     b, t, i, h = 3, 11, 7, 33
     torch.manual_seed(0)
-    module = torch.nn.LSTM(i, h, batch_first=True)
+    module = getattr(torch.nn, kind)(i, h, batch_first=True)
     layer, params = rj.interop.torch.from_torch(module)
-    assert layer is not None
     x = np.random.default_rng(0).normal(size=(b, t, i)).astype(np.float32)
     lengths = np.array([11, 4, 7])
     xt = torch.tensor(x, requires_grad=True)
     packed = torch.nn.utils.rnn.pack_padded_sequence(
         xt, lengths, batch_first=True, enforce_sorted=False
     )
-    out, (hn, cn) = module(packed)
+    out, state = module(packed)
+    hn = state[0] if kind == "LSTM" else state
     yt, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=t)
     (torch.sin(yt).sum() + (hn**2).sum()).backward()
 
     def loss(params, x):
         carry, ys = jax.vmap(lambda x, n: layer.apply(params, x, length=n))(x, lengths)
-        return jnp.sum(jnp.sin(ys)) + jnp.sum(carry[0].h ** 2), ys
+        h_last = carry[0].h if kind == "LSTM" else carry[0]
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(h_last**2), ys
 
     (_, ys), (gp, gx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
     assert_close(ys, yt.detach().numpy(), tol=1e-5)
     assert_close(gx, xt.grad.numpy(), tol=1e-5)
     assert_close(gp[0]["w_h"], module.weight_hh_l0.grad.numpy().T, tol=1e-5)
     assert_close(gp[0]["w_i"], module.weight_ih_l0.grad.numpy().T, tol=1e-5)
-    assert_close(gp[0]["b"], module.bias_ih_l0.grad.numpy(), tol=1e-5)
-    text = str(jax.make_jaxpr(loss)(params, x))
-    assert "rnnjax_lstm_forward" in text
+    if kind == "LSTM":
+        assert_close(gp[0]["b"], module.bias_ih_l0.grad.numpy(), tol=1e-5)
+    else:
+        assert_close(gp[0]["b_i"], module.bias_ih_l0.grad.numpy(), tol=1e-5)
+        assert_close(gp[0]["b_h"], module.bias_hh_l0.grad.numpy(), tol=1e-5)
+    assert f"rnnjax_{kind.lower()}_forward" in str(jax.make_jaxpr(loss)(params, x))
 
 
-def test_layers_bidirectional_stack_and_fallbacks_agree():
+@pytest.mark.parametrize("name", list(CELLS))
+def test_layers_bidirectional_stack_and_fallbacks_agree(name):
     """A bidirectional stack with dropout (recurrent dropout and remat fall back to the step
     scan inside the same model) equals the model built from native=False cells."""
     _, params, xs, _ = setup()
 
     def model(native):
-        cell = lambda: rj.cells.lstm(H, native=native)  # noqa: E731
+        cell = lambda: CELLS[name](H, native=native)  # noqa: E731
         return rj.layers.stack(
             rj.layers.bidirectional(rj.layers.rnn(cell()), rj.layers.rnn(cell())),
             rj.layers.rnn(cell(), recurrent_dropout=0.3),
@@ -265,11 +284,12 @@ def test_layers_bidirectional_stack_and_fallbacks_agree():
         return jax.jit(jax.value_and_grad(f))
 
     assert_close(loss(fast)(p), loss(slow)(p))
-    assert "rnnjax_lstm_forward" in str(jax.make_jaxpr(loss(fast))(p))
+    assert f"rnnjax_{name}_forward" in str(jax.make_jaxpr(loss(fast))(p))
 
 
-def test_empty_sequence_and_batch():
-    cell, params, _, carry = setup()
+@pytest.mark.parametrize("name", list(CELLS))
+def test_empty_sequence_and_batch(name):
+    cell, params, _, carry = setup(name=name)
     final, ys = rj.scan(cell, params, jnp.zeros((0, I)), carry)
     assert ys.shape == (0, H)
     assert_close(final, carry)
@@ -280,6 +300,8 @@ def test_empty_sequence_and_batch():
 def test_errors_name_what_was_expected():
     with pytest.raises(TypeError, match="native to be None, True or False, got 'yes'"):
         rj.cells.lstm(H, native="yes")
+    with pytest.raises(ValueError, match=r"gru\(native=True\) with reset_after=False"):
+        rj.cells.gru(H, native=True, reset_after=False)
     for kw, what in [
         ({"proj_size": 2}, "proj_size=2"),
         ({"compute_dtype": jnp.bfloat16}, "compute_dtype=bfloat16"),

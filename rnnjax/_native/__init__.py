@@ -2,7 +2,7 @@
 
 ``pip install`` compiles ``rnn_cpu.cc`` into this folder (``setup.py``; it needs a C++17
 compiler, and is skipped with a warning when there is none). The library holds XLA FFI
-handlers for the recurrent loop of a float32 LSTM; its matrix products call ``cblas_sgemm``
+handlers for the recurrent loops of float32 LSTMs and GRUs; its matrix products call ``cblas_sgemm``
 from OpenBLAS (the ``scipy-openblas32`` wheel, a dependency), whose address is handed to the
 library here, so the library itself links against nothing but the C and C++ runtimes.
 
@@ -20,7 +20,12 @@ from pathlib import Path
 
 import jax
 
-TARGETS = {"rnnjax_lstm_forward": "RnnjaxLstmForward", "rnnjax_lstm_backward": "RnnjaxLstmBackward"}
+TARGETS = {
+    "rnnjax_lstm_forward": "RnnjaxLstmForward",
+    "rnnjax_lstm_backward": "RnnjaxLstmBackward",
+    "rnnjax_gru_forward": "RnnjaxGruForward",
+    "rnnjax_gru_backward": "RnnjaxGruBackward",
+}
 
 
 def library_path() -> Path | None:

@@ -1,24 +1,26 @@
-// rnnjax's CPU kernels: the recurrent loop of a float32 LSTM, forward and backward, as XLA FFI
-// handlers (see rnnjax/_native/__init__.py for how they are registered and used).
+// rnnjax's CPU kernels: the recurrent loops of a float32 LSTM and GRU, forward and backward, as
+// XLA FFI handlers (rnnjax/_native/__init__.py registers them; rnnjax/cells/_native.py uses them).
 //
-// Why: XLA's CPU backend runs a scanned LSTM step as ~45 small thunks (BENCHMARKS.md), and a
-// third of the time goes to per-op overhead. Here one call runs the whole loop: one sgemm per
-// step for the recurrent projection and one fused pass over the gates, as PyTorch/oneDNN do.
-// Only the recurrence is native; the input projection x @ W_i + b and every weight gradient are
-// single large matmuls that XLA does before and after the loop.
+// Why: XLA's CPU backend runs a scanned LSTM step as ~45 small thunks (BENCHMARKS.md), about a
+// third of the time in per-op overhead, and its BPTT accumulates weight gradients step by step.
+// Here one call runs a whole direction of the recurrence: per step one or two sgemm calls and
+// one fused pass over the gates; the backward pass stores the gate cotangents of all steps and
+// computes the weight gradients after its loop as large matmuls over the B*T rows.
 //
 // Layout (row-major, batch first, B rows of T steps):
-//   a      (B, T, 4H)  input projection x_t W_i + b, gates in the order i, f, g, o
-//   w_h    (H, 4H)     recurrent weights
+//   x      (B, T, I)   inputs
+//   w_i    (I, G H), w_h (H, G H), biases (G H): gates fused, in PyTorch's order
+//                      (LSTM: G = 4, i, f, g, o, one bias; GRU: G = 3, r, z, n, b_i and b_h)
 //   h0, c0 (B, H)      initial carry
 //   mask   (B, T)      true at real steps; at other steps the carry is kept and y_t = 0
 // Residuals saved by the forward pass for the backward pass:
-//   h_prev (B, T, H)   h entering each step (for dW_h = sum h_prev^T dz, done by XLA)
-//   res    (B, T, 6H)  i, f, g, o (activated), c entering the step, tanh(c leaving the step)
+//   h_prev (B, T, H)   h entering each step (for dW_h = sum h_prev^T dz)
+//   res    LSTM (B, T, 6H): i, f, g, o (activated), c entering the step, tanh(c leaving it)
+//          GRU  (B, T, 4H): r, z, n, h W_hn + b_hn
 // (without the `save` attribute, for inference, h_prev and res are empty and not written).
 //
 // Matrix products go to a cblas_sgemm whose address Python passes in (OpenBLAS from the
-// scipy-openblas32 wheel), so this library links against nothing but libc/libm.
+// scipy-openblas32 wheel), so this library links against nothing but the C/C++ runtimes.
 
 #include <cstdint>
 #include <cstring>
@@ -84,27 +86,61 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
   }
 }
 
+// A per-thread buffer kept between calls: a fresh large allocation is a fresh mmap, and
+// touching it costs a page fault per 4 KiB (measured as ~25% of a forward pass).
+float* Scratch(int slot, size_t n) {
+  thread_local std::vector<float> buffers[4];
+  std::vector<float>& v = buffers[slot];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 struct Dims {
   int64_t batch, steps, hidden;
 };
 
-// `seq` is a (B, T, width * H) array, `w_h` the (H, 4H) recurrent weights.
+// `seq` is a (B, T, width * H) array, `w_h` the (H, gates * H) recurrent weights.
 ffi::Error CheckDims(ffi::Span<const int64_t> seq, int64_t width,
-                     const ffi::Buffer<ffi::F32>& w_h, Dims* d) {
+                     const ffi::Buffer<ffi::F32>& w_h, Dims* d, int64_t gates = 4) {
   if (g_sgemm == nullptr) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      "rnnjax native LSTM: no sgemm was registered (rnnjax._native.load)");
+                      "rnnjax native kernels: no sgemm was registered (rnnjax._native)");
   }
   auto ad = seq;
   auto wd = w_h.dimensions();
-  if (ad.size() != 3 || wd.size() != 2 || wd[1] != 4 * wd[0] || ad[2] != width * wd[0]) {
+  if (ad.size() != 3 || wd.size() != 2 || wd[1] != gates * wd[0] || ad[2] != width * wd[0]) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "rnnjax native LSTM: expected (B, T, k H) sequences and w_h (H, 4H)");
+                      "rnnjax native kernels: expected (B, T, k H) sequences and w_h (H, G H)");
   }
   d->batch = ad[0];
   d->steps = ad[1];
   d->hidden = wd[0];
   return ffi::Error::Success();
+}
+
+// After a backward loop: from the gate cotangents dz (rows, G) of all steps and the inputs
+// `in` (rows, K) that met the weights W (K, G), the weight gradient in^T dz, the bias gradient
+// (column sums of dz; skipped when db is null) and, if `need_dx`, the input gradient dz W^T.
+void WeightGradients(int64_t rows, int64_t K, int64_t G, const float* in, const float* dz,
+                     const float* w, bool need_dx, float* dx, float* dw, float* db) {
+  if (rows > 0 && K > 0) {
+    g_sgemm(kRowMajor, kTrans, kNoTrans, K, G, rows, 1.0f, in, K, dz, G, 0.0f, dw, G);
+  } else {
+    std::memset(dw, 0, sizeof(float) * K * G);
+  }
+  if (db != nullptr) {
+    std::memset(db, 0, sizeof(float) * G);
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* __restrict__ zr = dz + row * G;
+#pragma omp simd
+      for (int64_t j = 0; j < G; ++j) db[j] += zr[j];
+    }
+  }
+  if (need_dx && rows > 0 && K > 0) {
+    g_sgemm(kRowMajor, kNoTrans, kTrans, rows, K, G, 1.0f, dz, G, w, G, 0.0f, dx, K);
+  } else if (need_dx) {
+    std::memset(dx, 0, sizeof(float) * rows * K);
+  }
 }
 
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
@@ -134,33 +170,22 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
   std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
   // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias.
-  std::vector<float> w(K * G);
-  std::memcpy(w.data(), w_i.typed_data(), sizeof(float) * I * G);
-  std::memcpy(w.data() + I * G, w_h.typed_data(), sizeof(float) * H * G);
-  std::vector<float> xh(B * K);
-  std::vector<float> z(B * G);
-  std::vector<float> row(save ? 0 : 6 * H);  // without `save`, one row's gates at a time
+  float* w = Scratch(0, K * G);
+  std::memcpy(w, w_i.typed_data(), sizeof(float) * I * G);
+  std::memcpy(w + I * G, w_h.typed_data(), sizeof(float) * H * G);
+  float* xh = Scratch(1, B * K);
+  float* z = Scratch(2, B * G);
   const float* pb = bias.typed_data();
-
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(&xh[b * K], px + (b * T + t) * I, sizeof(float) * I);
-      std::memcpy(&xh[b * K + I], h + b * H, sizeof(float) * H);
-      std::memcpy(&z[b * G], pb, sizeof(float) * G);
-      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
-    }
-    if (K > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh.data(), K, w.data(), G, 1.0f,
-              z.data(), G);
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      const float* __restrict__ zb = &z[b * G];
+  int64_t t = 0;
+  std::vector<float> row(save ? 0 : 6 * H);  // without `save`, one row's gates at a time
+  // The gates of rows [b0, b1) at step t.
+  auto gates = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
       float* __restrict__ r = save ? pres + (b * T + t) * 6 * H : row.data();
       float* __restrict__ cb = c + b * H;
       float* __restrict__ hb = h + b * H;
       float* __restrict__ yb = py + (b * T + t) * H;
-      Cell(zb, cb, r, H);
+      Cell(z + b * G, cb, r, H);
       if (pm[b * T + t]) {
         // r holds c entering the step at 4H and tanh(c leaving it) at 5H.
         for (int64_t j = 0; j < H; ++j) {
@@ -172,6 +197,20 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
         std::memset(yb, 0, sizeof(float) * H);
       }
     }
+  };
+
+  for (int64_t s = 0; s < T; ++s) {
+    t = reverse ? T - 1 - s : s;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(xh + b * K, px + (b * T + t) * I, sizeof(float) * I);
+      std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
+      std::memcpy(z + b * G, pb, sizeof(float) * G);
+      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
+    }
+    if (K > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
+    }
+    gates(0, B);
   }
   return ffi::Error::Success();
 }
@@ -200,15 +239,11 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
   float* gc = gc0->typed_data();
   std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
   std::memcpy(gc, gc_last.typed_data(), sizeof(float) * B * H);
-  // Kept between calls: a fresh (B*T, 4H) array per call costs a page fault per 4 KiB.
-  thread_local std::vector<float> scratch;
-  if (scratch.size() < static_cast<size_t>(BT * G)) scratch.resize(BT * G);
-  float* pz = scratch.data();
-  std::vector<float> back(B * H);
-
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    for (int64_t b = 0; b < B; ++b) {
+  float* pz = Scratch(3, BT * G);  // the gate cotangents of all steps
+  float* back = Scratch(1, B * H);
+  int64_t t = 0;
+  auto gates = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
       const float* __restrict__ r = pres + (b * T + t) * 6 * H;
       const float* __restrict__ yb = py + (b * T + t) * H;
       float* __restrict__ ghb = gh + b * H;
@@ -231,41 +266,183 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
         gcb[j] = dc * f;
       }
     }
+  };
+
+  for (int64_t s = T - 1; s >= 0; --s) {
+    t = reverse ? T - 1 - s : s;
+    gates(0, B);
     if (H > 0) {
       // back = dz_t @ W_h^T: the cotangent of h entering this step (dz_t rows are T * 4H apart).
       g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, pz + t * G, T * G, pw, G, 0.0f,
-              back.data(), H);
+              back, H);
     }
     for (int64_t b = 0; b < B; ++b) {
-      if (pm[b * T + t]) std::memcpy(gh + b * H, &back[b * H], sizeof(float) * H);
+      if (pm[b * T + t]) std::memcpy(gh + b * H, back + b * H, sizeof(float) * H);
     }
   }
-  // Weight gradients over all B*T rows at once.
-  if (BT > 0 && H > 0) {
-    g_sgemm(kRowMajor, kTrans, kNoTrans, H, G, BT, 1.0f, h_prev.typed_data(), H, pz, G, 0.0f,
-            gw_h->typed_data(), G);
-  } else {
-    std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
-  }
-  if (BT > 0 && I > 0) {
-    g_sgemm(kRowMajor, kTrans, kNoTrans, I, G, BT, 1.0f, x.typed_data(), I, pz, G, 0.0f,
-            gw_i->typed_data(), G);
-  } else {
-    std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
-  }
-  float* pgb = gb->typed_data();
-  std::memset(pgb, 0, sizeof(float) * G);
-  for (int64_t row = 0; row < BT; ++row) {
-    const float* __restrict__ zr = pz + row * G;
+  // Weight gradients over all B*T rows at once (the bias gradient is b's, as b enters dz).
+  WeightGradients(BT, H, G, h_prev.typed_data(), pz, nullptr, false, nullptr,
+                  gw_h->typed_data(), nullptr);
+  WeightGradients(BT, I, G, x.typed_data(), pz, w_i.typed_data(), need_dx, gx->typed_data(),
+                  gw_i->typed_data(), gb->typed_data());
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------- GRU
+// PyTorch's (reset-after) GRU, gates r, z, n:
+//   gi = x_t W_i + b_i, gh = h W_h + b_h (each (B, 3H)),
+//   r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n),
+//   h' = (1 - z) n + z h.
+// Residuals: h_prev (B, T, H) and res (B, T, 4H) = [r, z, n, gh_n].
+
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                          ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
+                          ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::PRED> mask, bool reverse, bool save,
+                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
+                          ffi::ResultBuffer<ffi::F32> h_prev, ffi::ResultBuffer<ffi::F32> res) {
+  Dims d;
+  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
+  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
+  const int64_t I = x.dimensions()[2];
+  const float* px = x.typed_data();
+  const float* pwi = w_i.typed_data();
+  const float* pwh = w_h.typed_data();
+  const bool* pm = mask.typed_data();
+  float* py = ys->typed_data();
+  float* ph_prev = h_prev->typed_data();
+  float* pres = res->typed_data();
+  float* h = h_last->typed_data();
+  std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
+  float* gi = Scratch(1, B * G);
+  float* gh = Scratch(2, B * G);
+  int64_t t = 0;
+  std::vector<float> row(save ? 0 : 4 * H);  // without `save`, one row's gates at a time
+  auto gates = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* __restrict__ a = gi + b * G;
+      const float* __restrict__ q = gh + b * G;
+      float* __restrict__ r = save ? pres + (b * T + t) * 4 * H : row.data();
+      float* __restrict__ hb = h + b * H;
+      float* __restrict__ yb = py + (b * T + t) * H;
+      float* __restrict__ rr = r;
+      float* __restrict__ rz = r + H;
+      float* __restrict__ rn = r + 2 * H;
+      float* __restrict__ rq = r + 3 * H;
 #pragma omp simd
-    for (int64_t j = 0; j < G; ++j) pgb[j] += zr[j];
+      for (int64_t j = 0; j < H; ++j) {
+        const float reset = Sigmoid(a[j] + q[j]);
+        rr[j] = reset;
+        rz[j] = Sigmoid(a[H + j] + q[H + j]);
+        rq[j] = q[2 * H + j];
+        rn[j] = Tanh(a[2 * H + j] + reset * q[2 * H + j]);
+      }
+      if (pm[b * T + t]) {
+        for (int64_t j = 0; j < H; ++j) {
+          hb[j] = (1.0f - rz[j]) * rn[j] + rz[j] * hb[j];
+          yb[j] = hb[j];
+        }
+      } else {
+        std::memset(yb, 0, sizeof(float) * H);
+      }
+    }
+  };
+
+  for (int64_t s = 0; s < T; ++s) {
+    t = reverse ? T - 1 - s : s;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(gi + b * G, b_i.typed_data(), sizeof(float) * G);
+      std::memcpy(gh + b * G, b_h.typed_data(), sizeof(float) * G);
+      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
+    }
+    if (I > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, I, 1.0f, px + t * I, T * I, pwi, G, 1.0f, gi,
+              G);
+    }
+    if (H > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, pwh, G, 1.0f, gh, G);
+    }
+    gates(0, B);
   }
-  if (need_dx && BT > 0 && I > 0) {
-    g_sgemm(kRowMajor, kNoTrans, kTrans, BT, I, G, 1.0f, pz, G, w_i.typed_data(), G, 0.0f,
-            gx->typed_data(), I);
-  } else if (need_dx) {
-    std::memset(gx->typed_data(), 0, sizeof(float) * BT * I);
+  return ffi::Error::Success();
+}
+
+// BPTT of the GRU: cotangents of x, W_i, b_i, W_h, b_h and h0 from those of ys and h_last.
+ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_last,
+                           ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h_prev,
+                           ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::PRED> mask,
+                           bool reverse, bool need_dx, ffi::ResultBuffer<ffi::F32> gx,
+                           ffi::ResultBuffer<ffi::F32> gw_i, ffi::ResultBuffer<ffi::F32> gb_i,
+                           ffi::ResultBuffer<ffi::F32> gw_h, ffi::ResultBuffer<ffi::F32> gb_h,
+                           ffi::ResultBuffer<ffi::F32> gh0) {
+  Dims d;
+  if (auto err = CheckDims(res.dimensions(), 4, w_h, &d, 3); err.failure()) return err;
+  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
+  const int64_t I = x.dimensions()[2], BT = B * T;
+  const float* py = gys.typed_data();
+  const float* pres = res.typed_data();
+  const float* php = h_prev.typed_data();
+  const float* pwh = w_h.typed_data();
+  const bool* pm = mask.typed_data();
+  float* gh = gh0->typed_data();
+  std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
+  // Cotangents of gi (input side) and gh (recurrent side) for all steps.
+  float* pzi = Scratch(3, 2 * BT * G);
+  float* pzh = pzi + BT * G;
+  float* back = Scratch(1, B * H);
+  int64_t t = 0;
+  auto gates = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t at = b * T + t;
+      float* __restrict__ zi = pzi + at * G;
+      float* __restrict__ zh = pzh + at * G;
+      if (!pm[at]) {
+        std::memset(zi, 0, sizeof(float) * G);
+        std::memset(zh, 0, sizeof(float) * G);
+        continue;
+      }
+      const float* __restrict__ r = pres + at * 4 * H;
+      const float* __restrict__ yb = py + at * H;
+      const float* __restrict__ hp = php + at * H;
+      float* __restrict__ ghb = gh + b * H;
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        const float reset = r[j], z = r[H + j], n = r[2 * H + j], q = r[3 * H + j];
+        const float dh = ghb[j] + yb[j];
+        const float dan = dh * (1.0f - z) * (1.0f - n * n);
+        const float dar = dan * q * reset * (1.0f - reset);
+        const float daz = dh * (hp[j] - n) * z * (1.0f - z);
+        zi[j] = dar;
+        zi[H + j] = daz;
+        zi[2 * H + j] = dan;
+        zh[j] = dar;
+        zh[H + j] = daz;
+        zh[2 * H + j] = dan * reset;
+        ghb[j] = dh * z;  // the direct path; the recurrent matmul's part is added below
+      }
+    }
+  };
+
+  for (int64_t s = T - 1; s >= 0; --s) {
+    t = reverse ? T - 1 - s : s;
+    gates(0, B);
+    if (H > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, pzh + t * G, T * G, pwh, G, 0.0f,
+              back, H);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      if (!pm[b * T + t]) continue;
+      float* __restrict__ ghb = gh + b * H;
+      const float* __restrict__ bk = back + b * H;
+      for (int64_t j = 0; j < H; ++j) ghb[j] += bk[j];
+    }
   }
+  WeightGradients(BT, I, G, x.typed_data(), pzi, w_i.typed_data(), need_dx, gx->typed_data(),
+                  gw_i->typed_data(), gb_i->typed_data());
+  WeightGradients(BT, H, G, php, pzh, nullptr, false, nullptr, gw_h->typed_data(),
+                  gb_h->typed_data());
   return ffi::Error::Success();
 }
 
@@ -316,3 +493,40 @@ __attribute__((visibility("default"))) void rnnjax_set_sgemm(void* fn) {
   g_sgemm = reinterpret_cast<SgemmFn>(fn);
 }
 }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("save")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_last
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_prev
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // res
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruBackward, GruBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gys
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gh_last
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h_prev
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // res
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("need_dx")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gw_i
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gb_i
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gw_h
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gb_h
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gh0
+);

@@ -15,6 +15,9 @@ forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to al
   ``loss.backward()`` into the params' ``.grad``; on CUDA only when JAX is on a GPU too;
 - ``jax-cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN; GPU only, "unavailable" elsewhere);
 - ``rnnjax-fused``: rnnjax with ``fused=True`` cells (the whole-sequence fast path);
+- ``rnnjax-scan``: rnnjax with ``native=False`` cells, the ``lax.scan`` of the step that
+  ``rnnjax`` runs where the native CPU kernels are unavailable (off the CPU, without a
+  compiler at install time);
 - ``rnnjax-bf16``: rnnjax cells with ``compute_dtype=jnp.bfloat16`` (bfloat16 matmuls, float32
   params and state): not the same arithmetic as the float32 candidates, so compare it with
   ``torch-bf16``;
@@ -68,6 +71,8 @@ PEERS: dict[str, Peer] = {
     "torch": Peer("torch", {"lstm": ("torch nn.LSTM",), "gru": ("torch nn.GRU",)}),
     # rnnjax's opt-in whole-sequence fast path (cells made with fused=True), against the default.
     "rnnjax-fused": Peer("rnnjax", {"lstm": ("rnnjax fused",), "gru": ("rnnjax fused",)}),
+    # The lax.scan step loop (native=False), against the default native CPU kernels.
+    "rnnjax-scan": Peer("rnnjax", {"lstm": ("rnnjax scan",), "gru": ("rnnjax scan",)}),
     "jax-cudnn": Peer("jax", {"lstm": ("jax.experimental.rnn.lstm",)}),
     # Mixed precision: bfloat16 matmuls with float32 params and state, rnnjax's and PyTorch's.
     "rnnjax-bf16": Peer("rnnjax", {"lstm": ("rnnjax bf16",), "gru": ("rnnjax bf16",)}),
@@ -78,13 +83,13 @@ PEERS: dict[str, Peer] = {
 # ------------------------------------------------------------------------- in the worker
 
 
-def _rnnjax(cell, shape, xs, fused=False, compute_dtype=None):
+def _rnnjax(cell, shape, xs, fused=False, compute_dtype=None, **extra):
     import jax
 
     import rnnjax as rj
 
     make = getattr(rj.cells, cell)
-    layer = rj.layers.rnn(make(shape[3], fused=fused, compute_dtype=compute_dtype))
+    layer = rj.layers.rnn(make(shape[3], fused=fused, compute_dtype=compute_dtype, **extra))
     params = layer.init(jax.random.key(0), shape[2])
     return lambda p, x: jax.vmap(lambda one: layer.apply(p, one)[1])(x), params
 
@@ -167,6 +172,7 @@ JAX_CANDIDATES: dict[str, Callable] = {
     "rnnjax": _rnnjax,
     "rnnjax fused": functools.partial(_rnnjax, fused=True),
     "rnnjax bf16": functools.partial(_rnnjax, compute_dtype="bfloat16"),
+    "rnnjax scan": functools.partial(_rnnjax, native=False),
     "flax.linen LSTMCell": _linen("LSTMCell"),
     "flax.linen OptimizedLSTMCell": _linen("OptimizedLSTMCell"),
     "flax.linen GRUCell": _linen("GRUCell"),

@@ -97,3 +97,15 @@ def _low_precision_matmul_jvp(compute_dtype, primals, tangents):
 
 
 _low_precision_matmul.defjvp(_low_precision_matmul_jvp, symbolic_zeros=True)
+
+
+def native_blockers(compute_dtype, fused: bool, dtype, *options) -> list[tuple[bool, str]]:
+    """The cell options that keep it off the native kernels, as ``(applies, "name=value")``;
+    ``options`` are extra ``(value, name)`` pairs that block when not None."""
+    name = getattr(compute_dtype, "name", compute_dtype)
+    return [
+        *((value is not None, f"{key}={value}") for value, key in options),
+        (compute_dtype is not None, f"compute_dtype={name}"),
+        (fused, "fused=True"),
+        (jnp.dtype(dtype) != jnp.float32, f"dtype={jnp.dtype(dtype).name}"),
+    ]

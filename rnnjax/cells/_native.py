@@ -24,6 +24,8 @@ float32 rounding, and PyTorch's ``nn.LSTM`` (``tests/test_native.py``, ``tests/t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +134,77 @@ def backward_reference(gys, gh_last, gc_last, x, w_i, w_h, h_prev, res, mask, *,
     return gx, gw_i, gz.sum((0, 1)), gw_h, gh, gc
 
 
+def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True):
+    """``(ys, h_last, h_prev, res)`` of the masked reset-after GRU, ``res = [r, z, n, gh_n]``
+    with ``gh_n = h W_hn + b_hn``; without ``save`` ``h_prev`` and ``res`` are ``(B, 0)``."""
+
+    def body(h, inputs):
+        x_t, m = inputs
+        gi_r, gi_z, gi_n = jnp.split(x_t @ w_i + b_i, 3, axis=-1)
+        gh_r, gh_z, gh_n = jnp.split(h @ w_h + b_h, 3, axis=-1)
+        r, z = jax.nn.sigmoid(gi_r + gh_r), jax.nn.sigmoid(gi_z + gh_z)
+        n = jnp.tanh(gi_n + r * gh_n)
+        h_new = (1 - z) * n + z * h
+        m = m[:, None]
+        res = jnp.concatenate([r, z, n, gh_n], axis=-1)
+        return jnp.where(m, h_new, h), (jnp.where(m, h_new, 0), h, res)
+
+    h, (ys, h_prev, res) = lax.scan(body, h0, _time_major(x, mask), reverse=reverse)
+    ys, h_prev, res = _time_major(ys, h_prev, res)
+    if not save:
+        h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
+    return ys, h, h_prev, res
+
+
+def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, w_h, h_prev, res, mask, *,
+                          reverse):  # fmt: skip
+    """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``."""
+    dgi = dx @ w_i + x @ dw_i + db_i
+    dgh_w = h_prev @ dw_h + db_h
+
+    def body(dh, inputs):
+        dgi_t, dgh_t, hp, r_t, m = inputs
+        r, z, n, gh_n = jnp.split(r_t, 4, axis=-1)
+        dgi_r, dgi_z, dgi_n = jnp.split(dgi_t, 3, axis=-1)
+        dgh_r, dgh_z, dgh_n = jnp.split(dgh_t + dh @ w_h, 3, axis=-1)
+        dr = r * (1 - r) * (dgi_r + dgh_r)
+        dz = z * (1 - z) * (dgi_z + dgh_z)
+        dn = (1 - n * n) * (dgi_n + dr * gh_n + r * dgh_n)
+        dh_new = (1 - z) * dn + (hp - n) * dz + z * dh
+        m = m[:, None]
+        return jnp.where(m, dh_new, dh), jnp.where(m, dh_new, 0)
+
+    dh, dys = lax.scan(
+        body, dh0, _time_major(dgi, dgh_w, h_prev, res, mask), reverse=reverse
+    )  # fmt: skip
+    return jnp.swapaxes(dys, 0, 1), dh
+
+
+def gru_backward_reference(gys, gh_last, x, w_i, w_h, h_prev, res, mask, *, reverse, need_dx):
+    """The transpose of :func:`gru_tangent_reference`: ``(gx, gW_i, gb_i, gW_h, gb_h, gh0)``."""
+
+    def body(gh, inputs):
+        gy, hp, r_t, m = inputs
+        r, z, n, gh_n = jnp.split(r_t, 4, axis=-1)
+        dh = gh + gy
+        dan = dh * (1 - z) * (1 - n * n)
+        dar = dan * gh_n * r * (1 - r)
+        daz = dh * (hp - n) * z * (1 - z)
+        m = m[:, None]
+        gzi = jnp.where(m, jnp.concatenate([dar, daz, dan], axis=-1), 0)
+        gzh = jnp.where(m, jnp.concatenate([dar, daz, dan * r], axis=-1), 0)
+        return jnp.where(m, dh * z + gzh @ w_h.T, gh), (gzi, gzh)
+
+    gh, (gzi, gzh) = lax.scan(
+        body, gh_last, _time_major(gys, h_prev, res, mask), reverse=not reverse
+    )  # fmt: skip
+    gzi, gzh = _time_major(gzi, gzh)
+    gx = gzi @ w_i.T if need_dx else jnp.zeros_like(x)
+    gw_i = jnp.einsum("bti,btg->ig", x, gzi)
+    gw_h = jnp.einsum("bth,btg->hg", h_prev, gzh)
+    return gx, gw_i, gzi.sum((0, 1)), gw_h, gzh.sum((0, 1)), gh
+
+
 # ----------------------------------------------------------------------------- primitives
 
 
@@ -181,9 +254,18 @@ def _jvp_rule(reference):
     return jvp
 
 
+_REFERENCES: dict[Primitive, Callable] = {}
+
+
+def reference(prim: Primitive) -> Callable:
+    """The pure-JAX function a primitive computes (its lowering off the CPU)."""
+    return _REFERENCES[prim]
+
+
 def _primitive(name: str, reference, shared) -> Primitive:
     prim = Primitive(name)
     prim.multiple_results = True
+    _REFERENCES[prim] = reference
 
     @prim.def_impl
     def impl(*args, **params):
@@ -196,47 +278,85 @@ def _primitive(name: str, reference, shared) -> Primitive:
     return prim
 
 
-# `shared`: the operands that are the same for every example (the weights).
-forward_p = _primitive("rnnjax_lstm_forward", forward_reference, shared=(1, 2, 3))
-tangent_p = _primitive("rnnjax_lstm_tangent", tangent_reference, shared=(1, 2, 3, 7, 8))
-# Its weight cotangents are sums over the batch, so a vmapped backward_p (per-example
-# gradients: vmap of grad) runs the reference for every example.
-backward_p = _primitive("rnnjax_lstm_backward", backward_reference, shared=range(9))
+class Kernels(NamedTuple):
+    """One cell's three primitives and the layout of their operands.
+
+    forward: ``(x, *weights, *state0, mask) -> (ys, *state_last, h_prev, res)``;
+    tangent: ``(dx, *dweights, *dstate0, x, w_i, w_h, h_prev, res, mask) -> (dys, *dstate_last)``,
+    linear in the leading tangents; backward: ``(gys, *gstate_last, x, w_i, w_h, h_prev, res,
+    mask) -> (gx, *gweights, *gstate0)``, its transpose. ``weights`` is ``(w_i, b, w_h)`` for the
+    LSTM and ``(w_i, b_i, w_h, b_h)`` for the GRU (``w_h`` third in both); the state is
+    ``(h, c)`` or ``(h,)``.
+    """
+
+    name: str
+    forward: Primitive
+    tangent: Primitive
+    backward: Primitive
+    n_weights: int
+    n_state: int
 
 
-def _tangent_transpose(cts, *args, reverse):
-    linear, rest = args[:6], args[6:]
-    if any(ad.is_undefined_primal(a) for a in rest):
-        raise NotImplementedError("rnnjax LSTM tangent: transpose with respect to a primal value")
-    need_dx = ad.is_undefined_primal(linear[0])
-    out = backward_p.bind(
-        *[ad.instantiate_zeros(ct) for ct in cts], *rest[:4], *rest[4:],
-        reverse=reverse, need_dx=need_dx,
-    )  # fmt: skip
-    picked = [o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)]
-    return picked + [None] * len(rest)
+def _kernels(name, n_weights, n_state, forward_ref, tangent_ref, backward_ref) -> Kernels:
+    n_tangent = 1 + n_weights + n_state
+    n_rest = 6  # x, w_i, w_h, h_prev, res, mask
+    # `shared`: operands that are the same for every example (weights and weight tangents).
+    # The backward's weight cotangents are sums over the batch, so a vmapped backward (per-example
+    # gradients: vmap of grad) runs the reference for every example.
+    kernels = Kernels(
+        name,
+        _primitive(f"rnnjax_{name}_forward", forward_ref, shared=range(1, 1 + n_weights)),
+        _primitive(
+            f"rnnjax_{name}_tangent",
+            tangent_ref,
+            shared=(*range(1, 1 + n_weights), n_tangent + 1, n_tangent + 2),
+        ),  # fmt: skip
+        _primitive(f"rnnjax_{name}_backward", backward_ref, shared=range(1 + n_state + n_rest)),
+        n_weights,
+        n_state,
+    )
+
+    def tangent_transpose(cts, *args, reverse):
+        linear, rest = args[:n_tangent], args[n_tangent:]
+        if any(ad.is_undefined_primal(a) for a in rest):
+            raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
+        out = kernels.backward.bind(
+            *[ad.instantiate_zeros(ct) for ct in cts], *rest,
+            reverse=reverse, need_dx=ad.is_undefined_primal(linear[0]),
+        )  # fmt: skip
+        picked = [
+            o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
+        ]
+        return picked + [None] * len(rest)
+
+    def backward_transpose(cts, *args, reverse, need_dx):
+        linear, rest = args[: 1 + n_state], args[1 + n_state :]
+        if any(ad.is_undefined_primal(a) for a in rest):
+            raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
+        cts = [ad.instantiate_zeros(ct) for ct in cts]
+        if not need_dx:  # gx was not computed: it carries nothing back
+            cts[0] = jnp.zeros_like(cts[0])
+        out = kernels.tangent.bind(*cts, *rest, reverse=reverse)
+        picked = [
+            o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
+        ]
+        return picked + [None] * len(rest)
+
+    ad.primitive_transposes[kernels.tangent] = tangent_transpose
+    ad.primitive_transposes[kernels.backward] = backward_transpose
+    return kernels
 
 
-def _backward_transpose(cts, *args, reverse, need_dx):
-    linear, rest = args[:3], args[3:]
-    if any(ad.is_undefined_primal(a) for a in rest):
-        raise NotImplementedError("rnnjax LSTM backward: transpose with respect to a primal value")
-    cts = [ad.instantiate_zeros(ct) for ct in cts]
-    if not need_dx:  # gx was not computed: it carries nothing back
-        cts[0] = jnp.zeros_like(cts[0])
-    out = tangent_p.bind(*cts, *rest, reverse=reverse)
-    picked = [o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)]
-    return picked + [None] * len(rest)
-
-
-ad.primitive_transposes[tangent_p] = _tangent_transpose
-ad.primitive_transposes[backward_p] = _backward_transpose
+LSTM = _kernels("lstm", 3, 2, forward_reference, tangent_reference, backward_reference)
+GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_backward_reference)
+forward_p, tangent_p, backward_p = LSTM.forward, LSTM.tangent, LSTM.backward
 
 
 @functools.cache
 def _register_native_lowerings() -> None:
-    for prim, target in ((forward_p, "rnnjax_lstm_forward"), (backward_p, "rnnjax_lstm_backward")):
-        mlir.register_lowering(prim, jax.ffi.ffi_lowering(target), platform="cpu")
+    for kernels in (LSTM, GRU):
+        for prim in (kernels.forward, kernels.backward):
+            mlir.register_lowering(prim, jax.ffi.ffi_lowering(prim.name), platform="cpu")
 
 
 available = _native.available
@@ -248,21 +368,21 @@ def float32(*arrays) -> bool:
     return all(jnp.result_type(a) == jnp.float32 for a in arrays)
 
 
-def explain(*arrays) -> None:
-    """Raise why ``lstm(native=True)`` cannot run here (arrays: inputs, carry, params)."""
+def explain(cell_name: str, *arrays) -> None:
+    """Raise why ``<cell>(native=True)`` cannot run here (arrays: inputs, carry, params)."""
     if not float32(*arrays):
         dtypes = sorted({jnp.result_type(a).name for a in arrays})
         raise TypeError(
-            f"lstm(native=True) runs float32 only, got inputs/params of dtypes {dtypes}: cast "
-            "them to float32 or use native=None"
+            f"{cell_name}(native=True) runs float32 only, got inputs/params of dtypes {dtypes}: "
+            "cast them to float32 or use native=None"
         )
     if jax.default_backend() != "cpu":
         raise RuntimeError(
-            f"lstm(native=True): the native kernels are CPU kernels and JAX's default backend is "
-            f"{jax.default_backend()!r}; use native=None"
+            f"{cell_name}(native=True): the native kernels are CPU kernels and JAX's default "
+            f"backend is {jax.default_backend()!r}; use native=None"
         )
     raise RuntimeError(
-        f"lstm(native=True): the native CPU kernels are unavailable: {unavailable_reason()}"
+        f"{cell_name}(native=True): the native CPU kernels are unavailable: {unavailable_reason()}"
     )
 
 
@@ -277,29 +397,87 @@ def ready() -> bool:
 # ----------------------------------------------------------------------------- the recurrence
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
-def recurrence(x, w_i, b, w_h, h0, c0, mask, reverse):
-    """``(ys, h_last, c_last)`` of the LSTM over batch-first inputs ``x (B, T, I)``."""
-    ys, h, c, _, _ = forward_p.bind(x, w_i, b, w_h, h0, c0, mask, reverse=reverse, save=False)
-    return ys, h, c
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2))
+def recurrence(kernels: Kernels, args: tuple, reverse: bool):
+    """``(ys, *state_last)`` of a cell over ``args = (x (B, T, I), *weights, *state0, mask)``."""
+    out = kernels.forward.bind(*args, reverse=reverse, save=False)
+    return tuple(out[: 1 + kernels.n_state])
 
 
 @recurrence.defjvp
-def _recurrence_jvp(reverse, primals, tangents):
-    x, w_i, b, w_h, h0, c0, mask = primals
-    dx, dw_i, db, dw_h, dh0, dc0, _ = tangents
-    ys, h, c, h_prev, res = forward_p.bind(x, w_i, b, w_h, h0, c0, mask, reverse=reverse, save=True)
-    dys, dh, dc = tangent_p.bind(
-        dx, dw_i, db, dw_h, dh0, dc0, x, w_i, w_h, h_prev, res, mask, reverse=reverse
-    )
-    return (ys, h, c), (dys, dh, dc)
+def _recurrence_jvp(kernels, reverse, primals, tangents):
+    (args,), (dargs,) = primals, tangents
+    out = kernels.forward.bind(*args, reverse=reverse, save=True)
+    h_prev, res = out[-2:]
+    x, weights, mask = args[0], args[1 : 1 + kernels.n_weights], args[-1]
+    rest = (x, weights[0], weights[2], h_prev, res, mask)
+    tangent_out = kernels.tangent.bind(*dargs[:-1], *rest, reverse=reverse)
+    n = 1 + kernels.n_state
+    return tuple(out[:n]), tuple(tangent_out)
+
+
+def _run(kernels, weights, xs, state0, real, reverse):
+    w_i = weights[0]
+    name = kernels.name
+    check_step_input(name, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), w_i.shape[0])
+    mask = jnp.ones(xs.shape[:1], bool) if real is None else real
+    args = (xs[None], *weights, *(s[None] for s in state0), mask[None])
+    return [o[0] for o in recurrence(kernels, args, bool(reverse))]
 
 
 def lstm_sequence(params: dict, xs, h0, c0, real, *, reverse: bool):
     """One example: ``xs (T, I)`` -> ``(ys (T, H), h_last, c_last)``; ``real`` is the ``(T,)``
     mask of real steps or None."""
-    w_i, b, w_h = params["w_i"], params["b"], params["w_h"]
-    check_step_input("lstm", jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), w_i.shape[0])
-    mask = jnp.ones(xs.shape[:1], bool) if real is None else real
-    ys, h, c = recurrence(xs[None], w_i, b, w_h, h0[None], c0[None], mask[None], bool(reverse))
-    return ys[0], h[0], c[0]
+    weights = (params["w_i"], params["b"], params["w_h"])
+    return tuple(_run(LSTM, weights, xs, (h0, c0), real, reverse))
+
+
+def gru_sequence(params: dict, xs, h0, real, *, reverse: bool):
+    """One example of the reset-after GRU: ``xs (T, I)`` -> ``(ys (T, H), h_last)``."""
+    weights = (params["w_i"], params["b_i"], params["w_h"], params["b_h"])
+    return tuple(_run(GRU, weights, xs, (h0,), real, reverse))
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def check_native(cell_name: str, native, blockers: list[tuple[bool, str]]) -> bool:
+    """Whether a cell gets the native sequence path: ``native`` is the cell's argument,
+    ``blockers`` the ``(applies, "option=value")`` options the kernels do not cover."""
+    if native is not None and not isinstance(native, bool):
+        raise TypeError(f"{cell_name} expects native to be None, True or False, got {native!r}")
+    blocked = [why for hit, why in blockers if hit]
+    if native is True:
+        if blocked:
+            raise ValueError(
+                f"{cell_name}(native=True) with {', '.join(blocked)}: the native kernels run the "
+                f"plain float32 {cell_name} only; drop those options or use native=None"
+            )
+        if not available():
+            raise RuntimeError(
+                f"{cell_name}(native=True): the native CPU kernels are unavailable: "
+                f"{unavailable_reason()}"
+            )
+    return native is not False and not blocked
+
+
+def sequence_fn(cell_name: str, step_cell, native, run: Callable) -> Callable:
+    """A cell's ``sequence``: ``run(params, xs, carry, real, reverse) -> (carry, ys)`` on the
+    kernels when they can run, else the ``lax.scan`` of ``step_cell.step`` (with
+    ``native=True``, an error saying why, unless recurrent dropout asked for the step)."""
+
+    def sequence(params, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None):
+        arrays = (xs, *jax.tree.leaves(carry), *jax.tree.leaves(params))
+        if recurrent_mask is None and ready() and float32(*arrays):
+            return run(params, xs, carry, real, reverse)
+        if native is True and recurrent_mask is None:
+            explain(cell_name, *arrays)
+        from rnnjax.scan import scan_steps
+
+        cell = step_cell
+        if recurrent_mask is not None:
+            step = functools.partial(step_cell.step, recurrent_mask=recurrent_mask)
+            cell = step_cell._replace(step=step)
+        return scan_steps(cell, params, xs, carry, real, reverse=reverse, unroll=unroll)
+
+    return sequence

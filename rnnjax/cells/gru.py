@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rnnjax.cells import _native as native_kernels
 from rnnjax.cells._common import (
     Initializer,
     check_compute_dtype,
@@ -15,6 +16,7 @@ from rnnjax.cells._common import (
     default_recurrent_init,
     gate_blocks,
     matmul,
+    native_blockers,
 )
 from rnnjax.cells._fused import gru_sequence
 from rnnjax.core import Cell, check_step_input
@@ -30,6 +32,7 @@ def gru(
     dtype: jnp.dtype = jnp.float32,
     compute_dtype: jnp.dtype | None = None,
     fused: bool = False,
+    native: bool | None = None,
 ) -> Cell:
     """A GRU cell, PyTorch's ``nn.GRU`` step when ``reset_after=True``.
 
@@ -44,9 +47,10 @@ def gru(
     PyTorch's ``weight_ih_l0`` is ``w_i.T``, ``weight_hh_l0`` is ``w_h.T``, ``bias_ih_l0`` is
     ``b_i`` and ``bias_hh_l0`` is ``b_h``. Both forms have the same params.
 
-    ``fused=True`` attaches the whole-sequence fast path (reset-after only) and
-    ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16 with float32 state; see
-    :func:`rnnjax.cells.lstm`.
+    ``fused=True`` attaches the whole-sequence fast path (reset-after only),
+    ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16 with float32 state, and
+    ``native`` (default ``None``: whenever they can) runs whole sequences of the float32
+    reset-after GRU with rnnjax's compiled CPU kernels; see :func:`rnnjax.cells.lstm`.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.gru(4, reset_after=False)
@@ -103,4 +107,19 @@ def gru(
             "gru(reset_after=False) has no fused fast path: its recurrent matmul takes r * h, "
             "not h; use fused=False or reset_after=True"
         )
-    return Cell(init, initial_carry, step, gru_sequence if fused else None)
+    use_native = native_kernels.check_native(
+        "gru",
+        native,
+        native_blockers(
+            compute_dtype, fused, dtype, (None if reset_after else False, "reset_after")
+        ),
+    )
+    if not use_native:
+        return Cell(init, initial_carry, step, gru_sequence if fused else None)
+
+    def run(params, xs, h, real, reverse):
+        ys, h = native_kernels.gru_sequence(params, xs, h, real, reverse=reverse)
+        return h, ys
+
+    sequence = native_kernels.sequence_fn("gru", Cell(init, initial_carry, step), native, run)
+    return Cell(init, initial_carry, step, sequence)

@@ -3,7 +3,6 @@ projected form (LSTMP, Sak et al. 2014; PyTorch's ``proj_size``)."""
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ from rnnjax.cells._common import (
     default_recurrent_init,
     gate_blocks,
     matmul,
+    native_blockers,
 )
 from rnnjax.cells._fused import lstm_sequence
 from rnnjax.core import Cell, check_step_input
@@ -120,7 +120,9 @@ def lstm(
             "the unprojected h; use fused=False (the default) with a projection"
         )
     rows = hs if proj_size is None else proj_size  # the size of h, which meets W_h
-    use_native = _check_native(native, proj_size, compute_dtype, fused, dtype)
+    use_native = native_lstm.check_native(
+        "lstm", native, native_blockers(compute_dtype, fused, dtype, (proj_size, "proj_size"))
+    )
 
     def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
         check_size("lstm.init", "input_size", input_size)
@@ -155,50 +157,10 @@ def lstm(
 
     if not use_native:
         return Cell(init, initial_carry, step, lstm_sequence if fused else None)
-    step_cell = Cell(init, initial_carry, step)
 
-    def sequence(params, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None):
-        arrays = (xs, carry.h, carry.c, *params.values())
-        if recurrent_mask is None and native_lstm.ready() and native_lstm.float32(*arrays):
-            ys, h, c = native_lstm.lstm_sequence(
-                params, xs, carry.h, carry.c, real, reverse=reverse
-            )
-            return LSTMState(h, c), ys
-        if native is True and recurrent_mask is None:
-            native_lstm.explain(*arrays)
-        from rnnjax.scan import scan_steps
+    def run(params, xs, carry, real, reverse):
+        ys, h, c = native_lstm.lstm_sequence(params, xs, carry.h, carry.c, real, reverse=reverse)
+        return LSTMState(h, c), ys
 
-        run = step_cell
-        if recurrent_mask is not None:
-            run = step_cell._replace(step=functools.partial(step, recurrent_mask=recurrent_mask))
-        return scan_steps(run, params, xs, carry, real, reverse=reverse, unroll=unroll)
-
+    sequence = native_lstm.sequence_fn("lstm", Cell(init, initial_carry, step), native, run)
     return Cell(init, initial_carry, step, sequence)
-
-
-def _check_native(native, proj_size, compute_dtype, fused, dtype) -> bool:
-    """Whether the cell gets the native sequence path (``None``: when it could apply)."""
-    if native is not None and not isinstance(native, bool):
-        raise TypeError(f"lstm expects native to be None, True or False, got {native!r}")
-    blockers = [
-        (proj_size is not None, f"proj_size={proj_size}"),
-        (
-            compute_dtype is not None,
-            f"compute_dtype={getattr(compute_dtype, 'name', compute_dtype)}",
-        ),
-        (fused, "fused=True"),
-        (jnp.dtype(dtype) != jnp.float32, f"dtype={jnp.dtype(dtype).name}"),
-    ]
-    blocked = [why for hit, why in blockers if hit]
-    if native is True:
-        if blocked:
-            raise ValueError(
-                f"lstm(native=True) with {', '.join(blocked)}: the native kernels run the plain "
-                "float32 LSTM only; drop those options or use native=None"
-            )
-        if not native_lstm.available():
-            raise RuntimeError(
-                f"lstm(native=True): the native CPU kernels are unavailable: "
-                f"{native_lstm.unavailable_reason()}"
-            )
-    return native is not False and not blocked
