@@ -114,6 +114,27 @@ def test_the_default_lstm_runs_the_kernels_forward_and_backward():
     assert "rnnjax_lstm" not in plain_hlo and "while" in plain_hlo
 
 
+def test_large_inference_runs_xla_loop_and_training_the_kernels():
+    """A forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS lowers to XLA's loop
+    (measured faster there); its gradient still runs the kernels. Values agree either way."""
+    b, h = 128, native_lstm.INFERENCE_MAX_UNITS // 128
+    cell = rj.cells.lstm(h)
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (b, 2, I))
+
+    def run(params, xs):
+        return jax.vmap(lambda x: rj.scan(cell, params, x)[1])(xs)
+
+    def loss(params, xs):
+        return jnp.sum(run(params, xs) ** 2)
+
+    forward = _hlo(run, params, xs)
+    assert "rnnjax_lstm_forward" not in forward and "while" in forward
+    assert "rnnjax_lstm_forward" in _hlo(jax.grad(loss), params, xs)
+    step = jax.vmap(lambda x: rj.scan(cell._replace(sequence=None), params, x)[1])(xs)
+    assert_close(jax.jit(run)(params, xs), step)
+
+
 def test_which_cells_get_the_native_path():
     assert rj.cells.gru(H).sequence is not None
     assert rj.cells.gru(H, native=False).sequence is None

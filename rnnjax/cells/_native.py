@@ -352,11 +352,33 @@ GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_ba
 forward_p, tangent_p, backward_p = LSTM.forward, LSTM.tangent, LSTM.backward
 
 
+# Inference (a forward pass that saves nothing) with at least this many units per step (batch
+# rows times hidden units) runs XLA's loop instead: there the step is one large matmul, which
+# XLA's dot does as fast as OpenBLAS, and XLA spreads the gate arithmetic over the cores where
+# the kernel runs it on one; the kernel measured 6-19% slower at 64 x 512 (BENCHMARKS.md).
+INFERENCE_MAX_UNITS = 16384
+
+
+def _forward_lowering(prim: Primitive):
+    native = jax.ffi.ffi_lowering(prim.name)
+    loop = mlir.lower_fun(reference(prim), multiple_results=True)
+
+    def lowering(ctx, *args, reverse, save):
+        batch, hidden = ctx.avals_in[0].shape[0], ctx.avals_in[3].shape[0]
+        large = batch * hidden >= INFERENCE_MAX_UNITS
+        rule = loop if (not save and large) else native
+        return rule(ctx, *args, reverse=reverse, save=save)
+
+    return lowering
+
+
 @functools.cache
 def _register_native_lowerings() -> None:
     for kernels in (LSTM, GRU):
-        for prim in (kernels.forward, kernels.backward):
-            mlir.register_lowering(prim, jax.ffi.ffi_lowering(prim.name), platform="cpu")
+        mlir.register_lowering(kernels.forward, _forward_lowering(kernels.forward), platform="cpu")
+        mlir.register_lowering(
+            kernels.backward, jax.ffi.ffi_lowering(kernels.backward.name), platform="cpu"
+        )
 
 
 available = _native.available
