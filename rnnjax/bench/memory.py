@@ -112,7 +112,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = _peak_rss_bytes()
 
     steps, remat = spec["T"], remat_of(spec["mode"])
-    cell = getattr(rj.cells, spec["cell"])(spec["hidden"])
+    # The step's lax.scan in every mode: "none" is its plain BPTT, not the native kernels (which
+    # store seven H-sized values per step and take no remat).
+    cell = getattr(rj.cells, spec["cell"])(spec["hidden"])._replace(sequence=None)
     params = cell.init(jax.random.key(0), spec["input_size"])
     # numpy draws the inputs: jax.random would hold several xs-sized temporaries at once.
     rng = np.random.default_rng(1)

@@ -44,7 +44,9 @@ def programs(*, cell: str, T: int, batch: int, input_size: int, hidden: int, unr
 
     import rnnjax as rj
 
-    rnn_cell = getattr(rj.cells, cell)(hidden)
+    # The step's lax.scan is the subject: no whole-sequence path (the LSTM's and GRU's native
+    # CPU kernels would run instead of the scan and ignore unroll).
+    rnn_cell = getattr(rj.cells, cell)(hidden)._replace(sequence=None)
     params = rnn_cell.init(jax.random.key(0), input_size)
     xs = jax.random.normal(jax.random.key(1), (batch, T, input_size))
 
