@@ -111,9 +111,9 @@ def test_peers_schema_ratios_and_missing_peer(peers_result):
         "lstm": ["rnnjax", "flax.linen LSTMCell", "flax.linen OptimizedLSTMCell",
                  "flax.nnx LSTMCell", "flax.nnx OptimizedLSTMCell", "equinox LSTMCell",
                  "torch nn.LSTM", "jax.experimental.rnn.lstm", "rnnjax fused", "rnnjax bf16",
-                 "torch nn.LSTM bf16", "missing LSTM"],
+                 "torch nn.LSTM bf16", "rnnjax scan", "missing LSTM"],
         "gru": ["rnnjax", "flax.linen GRUCell", "flax.nnx GRUCell", "equinox GRUCell",
-                "torch nn.GRU", "rnnjax fused", "rnnjax bf16", "torch nn.GRU bf16"],
+                "torch nn.GRU", "rnnjax fused", "rnnjax bf16", "torch nn.GRU bf16", "rnnjax scan"],
     }  # fmt: skip
     assert sorted(by) == sorted((c, n, m) for c in expected for n in expected[c] for m in MODES)
     gpu = peers_result["machine"]["backend"] == "gpu"
