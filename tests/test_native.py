@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from cases import derivatives
 
 import rnnjax as rj
 from rnnjax import _native
@@ -71,24 +72,6 @@ def assert_close(a, b, tol=TOL):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         scale = max(1.0, float(np.abs(np.asarray(y)).max()))
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol * scale, rtol=0)
-
-
-def derivatives(run):
-    """Outputs, gradients, forward-mode tangents and Hessian-vector products w.r.t. params,
-    inputs and the starting carry, under one jit."""
-    argnums = (0, 1, 2)
-
-    @jax.jit
-    def all_of_them(args, tangent):
-        grad = jax.grad(loss_of(run), argnums)
-        return (
-            run(*args),
-            grad(*args),
-            jax.jvp(run, args, tangent)[1],
-            jax.jvp(grad, args, tangent)[1],
-        )
-
-    return all_of_them
 
 
 def test_the_kernels_are_built_and_loaded():
@@ -159,8 +142,9 @@ def test_native_equals_step_scan_to_second_order(name, mode):
     cell, params, xs, carry = setup(name=name)
     args = (params, xs, carry)
     tangent = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape)), args)
-    fast = derivatives(batched_run(cell, mode))(args, tangent)
-    ref = derivatives(batched_run(cell._replace(sequence=None), mode))(args, tangent)
+    run, step = batched_run(cell, mode), batched_run(cell._replace(sequence=None), mode)
+    fast = derivatives(run, loss_of(run))(args, tangent)
+    ref = derivatives(step, loss_of(step))(args, tangent)
     assert_close(fast, ref)
 
 

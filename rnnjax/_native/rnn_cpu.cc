@@ -86,14 +86,31 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
   }
 }
 
-// A per-thread buffer kept between calls: a fresh large allocation is a fresh mmap, and
-// touching it costs a page fault per 4 KiB (measured as ~25% of a forward pass).
-float* Scratch(int slot, size_t n) {
-  thread_local std::vector<float> buffers[4];
-  std::vector<float>& v = buffers[slot];
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
+// A kernel's working array. Up to kKeepBytes it is a per-thread buffer kept between calls (a
+// fresh large allocation is a fresh mmap, and touching it costs a page fault per 4 KiB:
+// measured as ~25% of a forward pass); above that it is allocated for the call and freed after
+// it, so a large run does not leave gigabytes behind.
+class Work {
+ public:
+  static constexpr size_t kKeepBytes = size_t{64} << 20;
+
+  Work(int slot, size_t n) {
+    if (n * sizeof(float) <= kKeepBytes) {
+      thread_local std::vector<float> kept[4];
+      std::vector<float>& v = kept[slot];
+      if (v.size() < n) v.resize(n);
+      data_ = v.data();
+    } else {
+      own_.resize(n);
+      data_ = own_.data();
+    }
+  }
+  float* data() const { return data_; }
+
+ private:
+  std::vector<float> own_;
+  float* data_ = nullptr;
+};
 
 struct Dims {
   int64_t batch, steps, hidden;
@@ -170,11 +187,14 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
   std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
   // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias.
-  float* w = Scratch(0, K * G);
+  Work w_work(0, K * G);
+  float* w = w_work.data();
   std::memcpy(w, w_i.typed_data(), sizeof(float) * I * G);
   std::memcpy(w + I * G, w_h.typed_data(), sizeof(float) * H * G);
-  float* xh = Scratch(1, B * K);
-  float* z = Scratch(2, B * G);
+  Work xh_work(1, B * K);
+  float* xh = xh_work.data();
+  Work z_work(2, B * G);
+  float* z = z_work.data();
   const float* pb = bias.typed_data();
   int64_t t = 0;
   std::vector<float> row(save ? 0 : 6 * H);  // without `save`, one row's gates at a time
@@ -239,8 +259,10 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
   float* gc = gc0->typed_data();
   std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
   std::memcpy(gc, gc_last.typed_data(), sizeof(float) * B * H);
-  float* pz = Scratch(3, BT * G);  // the gate cotangents of all steps
-  float* back = Scratch(1, B * H);
+  Work pz_work(3, BT * G);  // the gate cotangents of all steps
+  float* pz = pz_work.data();
+  Work back_work(1, B * H);
+  float* back = back_work.data();
   int64_t t = 0;
   auto gates = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -315,8 +337,10 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   float* pres = res->typed_data();
   float* h = h_last->typed_data();
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
-  float* gi = Scratch(1, B * G);
-  float* gh = Scratch(2, B * G);
+  Work gi_work(1, B * G);
+  float* gi = gi_work.data();
+  Work gh_work(2, B * G);
+  float* gh = gh_work.data();
   int64_t t = 0;
   std::vector<float> row(save ? 0 : 4 * H);  // without `save`, one row's gates at a time
   auto gates = [&](int64_t b0, int64_t b1) {
@@ -389,9 +413,11 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
   float* gh = gh0->typed_data();
   std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
   // Cotangents of gi (input side) and gh (recurrent side) for all steps.
-  float* pzi = Scratch(3, 2 * BT * G);
+  Work pzi_work(3, 2 * BT * G);
+  float* pzi = pzi_work.data();
   float* pzh = pzi + BT * G;
-  float* back = Scratch(1, B * H);
+  Work back_work(1, B * H);
+  float* back = back_work.data();
   int64_t t = 0;
   auto gates = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -487,13 +513,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gc0
 );
 
-extern "C" {
-// Called once from Python with the address of cblas_sgemm.
-__attribute__((visibility("default"))) void rnnjax_set_sgemm(void* fn) {
-  g_sgemm = reinterpret_cast<SgemmFn>(fn);
-}
-}
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruForward, GruForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
@@ -530,3 +549,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruBackward, GruBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gb_h
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gh0
 );
+
+extern "C" {
+// Called once from Python with the address of cblas_sgemm.
+__attribute__((visibility("default"))) void rnnjax_set_sgemm(void* fn) {
+  g_sgemm = reinterpret_cast<SgemmFn>(fn);
+}
+}

@@ -230,8 +230,7 @@ def _batching_rule(prim, reference, shared):
         size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
         if any(dims[i] is not None for i in shared):
             # Per-example weights (vmap over params): no native kernel for that; use JAX loops.
-            in_axes = [None if d is None else d for d in dims]
-            out = jax.vmap(functools.partial(reference, **params), in_axes=in_axes)(*args)
+            out = jax.vmap(functools.partial(reference, **params), in_axes=list(dims))(*args)
             return out, [0] * len(out)
         folded, inner = [], None
         for i, (a, d) in enumerate(zip(args, dims, strict=True)):
