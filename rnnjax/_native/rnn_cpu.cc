@@ -3,8 +3,9 @@
 //
 // Why: XLA's CPU backend runs a scanned LSTM step as ~45 small thunks (BENCHMARKS.md), about a
 // third of the time in per-op overhead, and its BPTT accumulates weight gradients step by step.
-// Here one call runs a whole direction of the recurrence: per step one or two sgemm calls and
-// one fused pass over the gates; the backward pass stores the gate cotangents of all steps and
+// Here one call runs a whole direction of the recurrence: the input projections of all steps
+// as one large sgemm into a buffer kept between calls, then per step one sgemm (h W_h) and one
+// fused pass over the gates; the backward pass stores the gate cotangents of all steps and
 // computes the weight gradients after its loop as large matmuls over the B*T rows.
 //
 // Layout (row-major, batch first, B rows of T steps):
@@ -176,7 +177,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "rnnjax native LSTM: expected x (B, T, I) and w_i (I, 4H)");
   }
-  const int64_t I = xd[2], K = I + H;
+  const int64_t I = xd[2];
   const float* px = x.typed_data();
   const bool* pm = mask.typed_data();
   float* py = ys->typed_data();
@@ -186,16 +187,16 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   float* c = c_last->typed_data();
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
   std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
-  // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias.
-  Work w_work(0, K * G);
-  float* w = w_work.data();
-  std::memcpy(w, w_i.typed_data(), sizeof(float) * I * G);
-  std::memcpy(w + I * G, w_h.typed_data(), sizeof(float) * H * G);
-  Work xh_work(1, B * K);
-  float* xh = xh_work.data();
-  Work z_work(2, B * G);
-  float* z = z_work.data();
+  // The input projections of all steps first, z = x W_i + b (one large matmul); then per step
+  // z_t += h W_h in place (its rows are T * 4H apart) and the gates read z_t.
+  Work z_work(2, B * T * G);
+  float* zall = z_work.data();
   const float* pb = bias.typed_data();
+  for (int64_t row = 0; row < B * T; ++row) std::memcpy(zall + row * G, pb, sizeof(float) * G);
+  if (B * T > 0 && I > 0) {
+    g_sgemm(kRowMajor, kNoTrans, kNoTrans, B * T, G, I, 1.0f, px, I, w_i.typed_data(), G, 1.0f,
+            zall, G);
+  }
   int64_t t = 0;
   std::vector<float> row(save ? 0 : 6 * H);  // without `save`, one row's gates at a time
   // The gates of rows [b0, b1) at step t.
@@ -205,7 +206,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
       float* __restrict__ cb = c + b * H;
       float* __restrict__ hb = h + b * H;
       float* __restrict__ yb = py + (b * T + t) * H;
-      Cell(z + b * G, cb, r, H);
+      Cell(zall + (b * T + t) * G, cb, r, H);
       if (pm[b * T + t]) {
         // r holds c entering the step at 4H and tanh(c leaving it) at 5H.
         for (int64_t j = 0; j < H; ++j) {
@@ -221,14 +222,14 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
 
   for (int64_t s = 0; s < T; ++s) {
     t = reverse ? T - 1 - s : s;
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(xh + b * K, px + (b * T + t) * I, sizeof(float) * I);
-      std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
-      std::memcpy(z + b * G, pb, sizeof(float) * G);
-      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
+    if (save) {
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
+      }
     }
-    if (K > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
+    if (H > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, w_h.typed_data(), G, 1.0f,
+              zall + t * G, T * G);
     }
     gates(0, B);
   }
@@ -337,15 +338,23 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   float* pres = res->typed_data();
   float* h = h_last->typed_data();
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
-  Work gi_work(1, B * G);
+  // The input side of all steps first, gi = x W_i + b_i (one large matmul), then per step
+  // gh = h W_h + b_h.
+  Work gi_work(1, B * T * G);
   float* gi = gi_work.data();
+  for (int64_t row = 0; row < B * T; ++row) {
+    std::memcpy(gi + row * G, b_i.typed_data(), sizeof(float) * G);
+  }
+  if (B * T > 0 && I > 0) {
+    g_sgemm(kRowMajor, kNoTrans, kNoTrans, B * T, G, I, 1.0f, px, I, pwi, G, 1.0f, gi, G);
+  }
   Work gh_work(2, B * G);
   float* gh = gh_work.data();
   int64_t t = 0;
   std::vector<float> row(save ? 0 : 4 * H);  // without `save`, one row's gates at a time
   auto gates = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const float* __restrict__ a = gi + b * G;
+      const float* __restrict__ a = gi + (b * T + t) * G;
       const float* __restrict__ q = gh + b * G;
       float* __restrict__ r = save ? pres + (b * T + t) * 4 * H : row.data();
       float* __restrict__ hb = h + b * H;
@@ -376,13 +385,8 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   for (int64_t s = 0; s < T; ++s) {
     t = reverse ? T - 1 - s : s;
     for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(gi + b * G, b_i.typed_data(), sizeof(float) * G);
       std::memcpy(gh + b * G, b_h.typed_data(), sizeof(float) * G);
       if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
-    }
-    if (I > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, I, 1.0f, px + t * I, T * I, pwi, G, 1.0f, gi,
-              G);
     }
     if (H > 0) {
       g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, pwh, G, 1.0f, gh, G);
