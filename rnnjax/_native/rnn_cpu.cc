@@ -3,9 +3,8 @@
 //
 // Why: XLA's CPU backend runs a scanned LSTM step as ~45 small thunks (BENCHMARKS.md), about a
 // third of the time in per-op overhead, and its BPTT accumulates weight gradients step by step.
-// Here one call runs a whole direction of the recurrence: per step one or two sgemm calls (the
-// LSTM's input projections of all steps are one large sgemm before the loop) and one fused
-// pass over the gates; the backward pass stores the gate cotangents of all steps and
+// Here one call runs a whole direction of the recurrence: per step one or two sgemm calls and
+// one fused pass over the gates; the backward pass stores the gate cotangents of all steps and
 // computes the weight gradients after its loop as large matmuls over the B*T rows.
 //
 // Layout (row-major, batch first, B rows of T steps):
@@ -177,7 +176,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "rnnjax native LSTM: expected x (B, T, I) and w_i (I, 4H)");
   }
-  const int64_t I = xd[2];
+  const int64_t I = xd[2], K = I + H;
   const float* px = x.typed_data();
   const bool* pm = mask.typed_data();
   float* py = ys->typed_data();
@@ -187,16 +186,18 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   float* c = c_last->typed_data();
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
   std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
-  // The input projections of all steps first, z = x W_i + b (one large matmul); then per step
-  // z_t += h W_h in place (its rows are T * 4H apart) and the gates read z_t.
-  Work z_work(2, B * T * G);
-  float* zall = z_work.data();
+  // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias. (The
+  // input projections of all steps as one matmul before the loop, into a (B*T, 4H) buffer,
+  // measured no faster and slower at 16x256x32x64 in the bench harness.)
+  Work w_work(0, K * G);
+  float* w = w_work.data();
+  std::memcpy(w, w_i.typed_data(), sizeof(float) * I * G);
+  std::memcpy(w + I * G, w_h.typed_data(), sizeof(float) * H * G);
+  Work xh_work(1, B * K);
+  float* xh = xh_work.data();
+  Work z_work(2, B * G);
+  float* z = z_work.data();
   const float* pb = bias.typed_data();
-  for (int64_t row = 0; row < B * T; ++row) std::memcpy(zall + row * G, pb, sizeof(float) * G);
-  if (B * T > 0 && I > 0) {
-    g_sgemm(kRowMajor, kNoTrans, kNoTrans, B * T, G, I, 1.0f, px, I, w_i.typed_data(), G, 1.0f,
-            zall, G);
-  }
   int64_t t = 0;
   std::vector<float> row(save ? 0 : 6 * H);  // without `save`, one row's gates at a time
   // The gates of rows [b0, b1) at step t.
@@ -206,7 +207,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
       float* __restrict__ cb = c + b * H;
       float* __restrict__ hb = h + b * H;
       float* __restrict__ yb = py + (b * T + t) * H;
-      Cell(zall + (b * T + t) * G, cb, r, H);
+      Cell(z + b * G, cb, r, H);
       if (pm[b * T + t]) {
         // r holds c entering the step at 4H and tanh(c leaving it) at 5H.
         for (int64_t j = 0; j < H; ++j) {
@@ -222,14 +223,14 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
 
   for (int64_t s = 0; s < T; ++s) {
     t = reverse ? T - 1 - s : s;
-    if (save) {
-      for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
-      }
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(xh + b * K, px + (b * T + t) * I, sizeof(float) * I);
+      std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
+      std::memcpy(z + b * G, pb, sizeof(float) * G);
+      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
     }
-    if (H > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, w_h.typed_data(), G, 1.0f,
-              zall + t * G, T * G);
+    if (K > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
     }
     gates(0, B);
   }
@@ -338,9 +339,8 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   float* pres = res->typed_data();
   float* h = h_last->typed_data();
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
-  // Per step: gi = x_t W_i + b_i and gh = h W_h + b_h. (The GRU's input side for all steps as
-  // one matmul before the loop, as the LSTM does, measured 18% slower forward+backward at
-  // 32x128x64x256: its (B*T, 3H) buffer is read back once per step from beyond the caches.)
+  // Per step: gi = x_t W_i + b_i and gh = h W_h + b_h. (The input side of all steps as one
+  // matmul before the loop measured 18% slower forward+backward at 32x128x64x256.)
   Work gi_work(1, B * G);
   float* gi = gi_work.data();
   Work gh_work(2, B * G);
