@@ -21,7 +21,7 @@ from cases import derivatives
 
 import rnnjax as rj
 from rnnjax import _native
-from rnnjax.cells import _native as native_lstm
+from rnnjax.cells import _native as native_kernels
 
 T, I, H, B = 6, 3, 5, 4
 LENGTHS = np.array([T, 2, 0, 5])
@@ -78,7 +78,7 @@ def test_the_kernels_are_built_and_loaded():
     """The README's install compiles them; CI must exercise them, not the fallback."""
     assert _native.available(), _native.unavailable_reason()
     assert _native.library_path() is not None
-    assert native_lstm.ready()
+    assert native_kernels.ready()
 
 
 def _hlo(fn, *args):
@@ -100,7 +100,7 @@ def test_the_default_lstm_runs_the_kernels_forward_and_backward():
 def test_large_inference_runs_xla_loop_and_training_the_kernels():
     """A forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS lowers to XLA's loop
     (measured faster there); its gradient still runs the kernels. Values agree either way."""
-    b, h = 128, native_lstm.INFERENCE_MAX_UNITS // 128
+    b, h = 128, native_kernels.INFERENCE_MAX_UNITS // 128
     cell = rj.cells.lstm(h)
     params = cell.init(jax.random.key(0), I)
     xs = jax.random.normal(jax.random.key(1), (b, 2, I))
@@ -196,7 +196,7 @@ def test_kernels_equal_the_reference_primitives(name, reverse):
     """The C++ forward and backward against the pure-JAX references they are tested by
     (the same functions are the lowering off the CPU), and the backward is the transpose of
     the tangent."""
-    kernels = native_lstm.LSTM if name == "lstm" else native_lstm.GRU
+    kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
     g = 4 if name == "lstm" else 3
     k = iter(jax.random.split(jax.random.key(3), 12))
     x = jax.random.normal(next(k), (B, T, I))
@@ -209,17 +209,17 @@ def test_kernels_equal_the_reference_primitives(name, reverse):
     args = (x, *weights, *state, mask)
     fwd = jax.jit(lambda *a: kernels.forward.bind(*a, reverse=reverse, save=True))
     out = tuple(fwd(*args))
-    assert_close(out, tuple(native_lstm.reference(kernels.forward)(*args, reverse=reverse)))
+    assert_close(out, tuple(native_kernels.reference(kernels.forward)(*args, reverse=reverse)))
     ys, h_prev, res = out[0], out[-2], out[-1]
     cts = (jnp.sin(ys), *(0.3 * s for s in state))
     rest = (x, w_i, w_h, h_prev, res, mask)
     bwd = jax.jit(lambda *a: kernels.backward.bind(*a, reverse=reverse, need_dx=True))
     got = tuple(bwd(*cts, *rest))
-    backward = native_lstm.reference(kernels.backward)
+    backward = native_kernels.reference(kernels.backward)
     assert_close(got, tuple(backward(*cts, *rest, reverse=reverse, need_dx=True)))
 
     def tangent(*d):
-        return native_lstm.reference(kernels.tangent)(*d, *rest, reverse=reverse)
+        return native_kernels.reference(kernels.tangent)(*d, *rest, reverse=reverse)
 
     transpose = jax.linear_transpose(tangent, x, *weights, *state)
     assert_close(got, tuple(transpose(cts)))

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells import _native as native_lstm
+from rnnjax.cells import _native as native_kernels
 from rnnjax.cells._common import (
     Initializer,
     check_compute_dtype,
@@ -85,7 +85,9 @@ def lstm(
         ``proj_size``, ``compute_dtype`` or ``fused``; otherwise, and for sequences with
         ``reset`` flags, ``remat`` or recurrent dropout, the ``lax.scan`` of ``step`` runs,
         with the same values and derivatives (to float32 rounding). ``True``: require them
-        (errors say why they cannot run); ``False``: never. ``unroll`` has no effect on them.
+        (errors say why they cannot run); ``False``: never. ``unroll`` has no effect on them,
+        and forward-only passes with batch x hidden >= 16384 units per step run XLA's loop
+        (measured faster there; BENCHMARKS.md).
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.lstm(4)
@@ -120,7 +122,7 @@ def lstm(
             "the unprojected h; use fused=False (the default) with a projection"
         )
     rows = hs if proj_size is None else proj_size  # the size of h, which meets W_h
-    use_native = native_lstm.check_native(
+    use_native = native_kernels.check_native(
         "lstm", native, native_blockers(compute_dtype, fused, dtype, (proj_size, "proj_size"))
     )
 
@@ -159,8 +161,8 @@ def lstm(
         return Cell(init, initial_carry, step, lstm_sequence if fused else None)
 
     def run(params, xs, carry, real, reverse):
-        ys, h, c = native_lstm.lstm_sequence(params, xs, carry.h, carry.c, real, reverse=reverse)
+        ys, h, c = native_kernels.lstm_sequence(params, xs, carry.h, carry.c, real, reverse=reverse)
         return LSTMState(h, c), ys
 
-    sequence = native_lstm.sequence_fn("lstm", Cell(init, initial_carry, step), native, run)
+    sequence = native_kernels.sequence_fn("lstm", Cell(init, initial_carry, step), native, run)
     return Cell(init, initial_carry, step, sequence)
