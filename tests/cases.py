@@ -1,6 +1,7 @@
 """The cells every contract test runs over, at one small shape so each compiles a few times."""
 
 import jax
+import jax.numpy as jnp
 
 import rnnjax as rj
 
@@ -45,3 +46,27 @@ def derivatives(run, loss):
         )
 
     return all_of_them
+
+
+def batched_scan(cell, lengths, *, use_length=False, **scan_kw):
+    """``(params, xs, carry) -> (final, ys)``: ``rj.scan`` of each example of a batch under
+    ``vmap`` from one starting carry, with ``length=lengths[b]`` when ``use_length``."""
+
+    def run(params, xs, carry):
+        def one(x, n):
+            return rj.scan(cell, params, x, carry, length=n if use_length else None, **scan_kw)
+
+        return jax.vmap(one)(xs, jnp.asarray(lengths))
+
+    return run
+
+
+def perturbed(cell, batch, steps, input_size, *, seed=0, dtype=None):
+    """``(params, xs, carry)`` for contract tests: params moved off their init (so biases and
+    every weight matter), inputs ``(batch, steps, input_size)`` and a nonzero starting carry."""
+    params = cell.init(jax.random.key(seed), input_size)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 16))
+    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), params)
+    xs = jax.random.normal(next(keys), (batch, steps, input_size), dtype=dtype)
+    carry = jax.tree.map(lambda a: 0.3 + 0.1 * a, cell.initial_carry(params))
+    return params, xs, carry

@@ -11,7 +11,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import derivatives
+from cases import batched_scan, derivatives, perturbed
 
 import rnnjax as rj
 
@@ -38,26 +38,12 @@ def setup(name):
     nonzero starting carry."""
     dtype = jnp.result_type(float)
     cell = FUSED_CELLS[name](dtype=dtype)
-    params = cell.init(jax.random.key(0), I)
-    keys = iter(jax.random.split(jax.random.key(1), 16))
-    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), params)
-    xs = jax.random.normal(next(keys), (B, T, I), dtype=dtype)
-    carry = jax.tree.map(lambda a: 0.3 + 0.1 * a, cell.initial_carry(params))
-    return cell, params, xs, carry
+    return cell, *perturbed(cell, B, T, I, dtype=dtype)
 
 
 def batched_run(cell, mode):
     kw = dict(MODES[mode])
-    use_length = kw.pop("length", False)
-
-    def run(params, xs, carry):
-        def one(x, n):
-            length = n if use_length else None
-            return rj.scan(cell, params, x, carry, length=length, **kw)
-
-        return jax.vmap(one)(xs, jnp.asarray(LENGTHS))
-
-    return run
+    return batched_scan(cell, LENGTHS, use_length=kw.pop("length", False), **kw)
 
 
 def loss_of(run):

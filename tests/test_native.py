@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from cases import derivatives
+from cases import batched_scan, derivatives, perturbed
 
 import rnnjax as rj
 from rnnjax import _native
@@ -38,25 +38,12 @@ CELLS = {"lstm": rj.cells.lstm, "gru": rj.cells.gru}
 
 def setup(seed=0, name="lstm"):
     cell = CELLS[name](H)
-    params = cell.init(jax.random.key(seed), I)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 8))
-    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), params)
-    xs = jax.random.normal(next(keys), (B, T, I))
-    carry = jax.tree.map(lambda a: 0.3 + 0.1 * a, cell.initial_carry(params))
-    return cell, params, xs, carry
+    return cell, *perturbed(cell, B, T, I, seed=seed)
 
 
 def batched_run(cell, mode):
     kw = dict(MODES[mode])
-    use_length = kw.pop("length", False)
-
-    def run(params, xs, carry):
-        def one(x, n):
-            return rj.scan(cell, params, x, carry, length=n if use_length else None, **kw)
-
-        return jax.vmap(one)(xs, jnp.asarray(LENGTHS))
-
-    return run
+    return batched_scan(cell, LENGTHS, use_length=kw.pop("length", False), **kw)
 
 
 def loss_of(run):
