@@ -20,7 +20,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCE = "rnnjax/_native/rnn_cpu.cc"
-# 512-bit vectors where the CPU has them: the gate loops ran 1.2-1.8x faster than with
+# 512-bit vectors where the CPU has them: the gate loops ran 1.1-1.8x faster than with
 # GCC's default 256 on a Sapphire Rapids core.
 TUNED = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
 PORTABLE = ["-O3", "-fopenmp-simd"]

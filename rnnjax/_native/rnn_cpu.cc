@@ -40,7 +40,8 @@ SgemmFn g_sgemm = nullptr;
 
 // tanh as Eigen's (and so XLA's CPU backend's) float rational approximation: odd degree-13
 // over even degree-6 polynomial on [-7.9053, 7.9053] (a few ulp), x itself near 0. Plain
-// arithmetic, so the gate loops vectorize; libm's tanhf/expf made them 3-4x slower.
+// arithmetic, so the gate loops vectorize without -ffast-math (libm's tanhf/expf vectorize
+// only with it; BENCHMARKS.md has the timings).
 inline float Tanh(float x) {
   const float c = 7.90531110763549805f;
   const float y = x < -c ? -c : (x > c ? c : x);
@@ -123,14 +124,13 @@ ffi::Error CheckDims(ffi::Span<const int64_t> seq, int64_t width,
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                       "rnnjax native kernels: no sgemm was registered (rnnjax._native)");
   }
-  auto ad = seq;
   auto wd = w_h.dimensions();
-  if (ad.size() != 3 || wd.size() != 2 || wd[1] != gates * wd[0] || ad[2] != width * wd[0]) {
+  if (seq.size() != 3 || wd.size() != 2 || wd[1] != gates * wd[0] || seq[2] != width * wd[0]) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "rnnjax native kernels: expected (B, T, k H) sequences and w_h (H, G H)");
   }
-  d->batch = ad[0];
-  d->steps = ad[1];
+  d->batch = seq[0];
+  d->steps = seq[1];
   d->hidden = wd[0];
   return ffi::Error::Success();
 }
@@ -198,11 +198,20 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   Work z_work(2, B * G);
   float* z = z_work.data();
   const float* pb = bias.typed_data();
-  int64_t t = 0;
   std::vector<float> row(save ? 0 : 6 * H);  // without `save`, one row's gates at a time
-  // The gates of rows [b0, b1) at step t.
-  auto gates = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
+
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(xh + b * K, px + (b * T + t) * I, sizeof(float) * I);
+      std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
+      std::memcpy(z + b * G, pb, sizeof(float) * G);
+      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
+    }
+    if (K > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
+    }
+    for (int64_t b = 0; b < B; ++b) {
       float* __restrict__ r = save ? pres + (b * T + t) * 6 * H : row.data();
       float* __restrict__ cb = c + b * H;
       float* __restrict__ hb = h + b * H;
@@ -219,20 +228,6 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
         std::memset(yb, 0, sizeof(float) * H);
       }
     }
-  };
-
-  for (int64_t s = 0; s < T; ++s) {
-    t = reverse ? T - 1 - s : s;
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(xh + b * K, px + (b * T + t) * I, sizeof(float) * I);
-      std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
-      std::memcpy(z + b * G, pb, sizeof(float) * G);
-      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
-    }
-    if (K > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
-    }
-    gates(0, B);
   }
   return ffi::Error::Success();
 }
@@ -265,9 +260,10 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
   float* pz = pz_work.data();
   Work back_work(1, B * H);
   float* back = back_work.data();
-  int64_t t = 0;
-  auto gates = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
+
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    for (int64_t b = 0; b < B; ++b) {
       const float* __restrict__ r = pres + (b * T + t) * 6 * H;
       const float* __restrict__ yb = py + (b * T + t) * H;
       float* __restrict__ ghb = gh + b * H;
@@ -290,11 +286,6 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
         gcb[j] = dc * f;
       }
     }
-  };
-
-  for (int64_t s = T - 1; s >= 0; --s) {
-    t = reverse ? T - 1 - s : s;
-    gates(0, B);
     if (H > 0) {
       // back = dz_t @ W_h^T: the cotangent of h entering this step (dz_t rows are T * 4H apart).
       g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, pz + t * G, T * G, pw, G, 0.0f,
@@ -345,10 +336,23 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   float* gi = gi_work.data();
   Work gh_work(2, B * G);
   float* gh = gh_work.data();
-  int64_t t = 0;
   std::vector<float> row(save ? 0 : 4 * H);  // without `save`, one row's gates at a time
-  auto gates = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
+
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(gi + b * G, b_i.typed_data(), sizeof(float) * G);
+      std::memcpy(gh + b * G, b_h.typed_data(), sizeof(float) * G);
+      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
+    }
+    if (I > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, I, 1.0f, px + t * I, T * I, pwi, G, 1.0f, gi,
+              G);
+    }
+    if (H > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, pwh, G, 1.0f, gh, G);
+    }
+    for (int64_t b = 0; b < B; ++b) {
       const float* __restrict__ a = gi + b * G;
       const float* __restrict__ q = gh + b * G;
       float* __restrict__ r = save ? pres + (b * T + t) * 4 * H : row.data();
@@ -375,23 +379,6 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
         std::memset(yb, 0, sizeof(float) * H);
       }
     }
-  };
-
-  for (int64_t s = 0; s < T; ++s) {
-    t = reverse ? T - 1 - s : s;
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(gi + b * G, b_i.typed_data(), sizeof(float) * G);
-      std::memcpy(gh + b * G, b_h.typed_data(), sizeof(float) * G);
-      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
-    }
-    if (I > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, I, 1.0f, px + t * I, T * I, pwi, G, 1.0f, gi,
-              G);
-    }
-    if (H > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, pwh, G, 1.0f, gh, G);
-    }
-    gates(0, B);
   }
   return ffi::Error::Success();
 }
@@ -422,9 +409,10 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
   float* pzh = pzi + BT * G;
   Work back_work(1, B * H);
   float* back = back_work.data();
-  int64_t t = 0;
-  auto gates = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
+
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    for (int64_t b = 0; b < B; ++b) {
       const int64_t at = b * T + t;
       float* __restrict__ zi = pzi + at * G;
       float* __restrict__ zh = pzh + at * G;
@@ -453,11 +441,6 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
         ghb[j] = dh * z;  // the direct path; the recurrent matmul's part is added below
       }
     }
-  };
-
-  for (int64_t s = T - 1; s >= 0; --s) {
-    t = reverse ? T - 1 - s : s;
-    gates(0, B);
     if (H > 0) {
       g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, pzh + t * G, T * G, pwh, G, 0.0f,
               back, H);

@@ -1,24 +1,26 @@
-"""The LSTM's recurrence as compiled CPU kernels (``rnnjax/_native``), with JAX's rules around them.
+"""The LSTM's and GRU's recurrences as compiled CPU kernels (``rnnjax/_native``), with JAX's
+rules around them.
 
 A scanned LSTM step is ~45 small XLA thunks on CPU, and its BPTT accumulates the weight
-gradients step by step; here each direction of the recurrence is one call:
+gradients step by step; here each direction of the recurrence is one call. Per cell
+(:class:`Kernels`, :data:`LSTM` and :data:`GRU`) there are three primitives:
 
-- :data:`forward_p` runs the whole sequence (one ``[x_t, h] @ [W_i; W_h]`` matmul and one pass
-  over the gates per step) and, when differentiated, saves ``h`` entering each step and the
-  gate values.
-- The derivative is a :func:`jax.custom_jvp` whose tangent is :data:`tangent_p`, a primitive
-  linear in ``(dx, dW_i, db, dW_h, dh0, dc0)``. JAX transposes it for reverse mode into
-  :data:`backward_p`, the native BPTT loop, which also does the weight gradients as three large
-  ``(B*T, .)^T @ (B*T, 4H)`` matmuls after the loop: no per-step or per-example weight gradient.
+- ``forward`` runs the whole sequence (one or two matmuls and one pass over the gates per
+  step) and, when differentiated, saves ``h`` entering each step and the gate values.
+- The derivative is a :func:`jax.custom_jvp` whose tangent is ``tangent``, a primitive linear
+  in the input, weight and initial-state tangents. JAX transposes it for reverse mode into
+  ``backward``, the native BPTT loop, which also does the weight gradients as large
+  ``(B*T, .)^T @ (B*T, G)`` matmuls after the loop: no per-step or per-example weight gradient.
 - The primitives work on batch-first arrays ``(B, T, .)``; one example is ``B = 1`` and their
   batching rules fold any number of ``vmap`` axes into ``B``. Batched weights (a ``vmap`` over
   params) and per-example gradients (``vmap`` of ``grad``, where the summed weight gradients
-  of :data:`backward_p` do not apply) run the pure-JAX references instead.
+  of ``backward`` do not apply) run the pure-JAX references instead.
 - Every primitive has a pure-JAX reference (``lax.scan``): its lowering off the CPU, its
   forward-mode rule (so ``jax.jvp`` and second derivatives work) and the tests' oracle.
 
-Values and derivatives equal the step-by-step :func:`rnnjax.scan` of ``rj.cells.lstm`` within
-float32 rounding, and PyTorch's ``nn.LSTM`` (``tests/test_native.py``, ``tests/test_reference.py``).
+Values and derivatives equal the step-by-step :func:`rnnjax.scan` of ``rj.cells.lstm`` and
+``rj.cells.gru`` within float32 rounding, and PyTorch's ``nn.LSTM``/``nn.GRU``
+(``tests/test_native.py``, ``tests/test_reference.py``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True):
     if not save:
         h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
     return ys, h, c, h_prev, res
+
+
+def _weight_cotangents(inputs, w, gz, need_dx):
+    """After a backward loop: from the gate cotangents ``gz (B, T, G)`` of all steps and the
+    ``inputs (B, T, K)`` that met ``w (K, G)``, the cotangents ``(inputs, w, bias)`` (the
+    first zero unless ``need_dx``), as the kernels' WeightGradients computes them."""
+    gin = gz @ w.T if need_dx else jnp.zeros_like(inputs)
+    return gin, jnp.einsum("btk,btg->kg", inputs, gz), gz.sum((0, 1))
 
 
 def _gates(res):
@@ -128,10 +138,9 @@ def backward_reference(gys, gh_last, gc_last, x, w_i, w_h, h_prev, res, mask, *,
         body, (gh_last, gc_last), _time_major(gys, res, mask), reverse=not reverse
     )
     gz = jnp.swapaxes(gz, 0, 1)
-    gx = gz @ w_i.T if need_dx else jnp.zeros_like(x)
-    gw_i = jnp.einsum("bti,btg->ig", x, gz)
-    gw_h = jnp.einsum("bth,btg->hg", h_prev, gz)
-    return gx, gw_i, gz.sum((0, 1)), gw_h, gh, gc
+    gx, gw_i, gb = _weight_cotangents(x, w_i, gz, need_dx)
+    gw_h, _ = _weight_cotangents(h_prev, None, gz, False)[1:]
+    return gx, gw_i, gb, gw_h, gh, gc
 
 
 def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True):
@@ -199,10 +208,9 @@ def gru_backward_reference(gys, gh_last, x, w_i, w_h, h_prev, res, mask, *, reve
         body, gh_last, _time_major(gys, h_prev, res, mask), reverse=not reverse
     )  # fmt: skip
     gzi, gzh = _time_major(gzi, gzh)
-    gx = gzi @ w_i.T if need_dx else jnp.zeros_like(x)
-    gw_i = jnp.einsum("bti,btg->ig", x, gzi)
-    gw_h = jnp.einsum("bth,btg->hg", h_prev, gzh)
-    return gx, gw_i, gzi.sum((0, 1)), gw_h, gzh.sum((0, 1)), gh
+    gx, gw_i, gb_i = _weight_cotangents(x, w_i, gzi, need_dx)
+    gw_h, gb_h = _weight_cotangents(h_prev, None, gzh, False)[1:]
+    return gx, gw_i, gb_i, gw_h, gb_h, gh
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -348,7 +356,6 @@ def _kernels(name, n_weights, n_state, forward_ref, tangent_ref, backward_ref) -
 
 LSTM = _kernels("lstm", 3, 2, forward_reference, tangent_reference, backward_reference)
 GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_backward_reference)
-forward_p, tangent_p, backward_p = LSTM.forward, LSTM.tangent, LSTM.backward
 
 
 # Inference (a forward pass that saves nothing) with at least this many units per step (batch
