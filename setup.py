@@ -6,6 +6,10 @@ compiler the install still succeeds, with a warning, and rnnjax runs its ``lax.s
 (``rnnjax._native.unavailable_reason()`` says why). ``RNNJAX_NATIVE_BUILD=0`` skips the build;
 ``RNNJAX_NATIVE_CFLAGS`` replaces the optimisation flags (the default tunes for this machine's
 CPU with ``-march=native``, as a source build is compiled where it runs).
+
+Where oneDNN's headers are installed (the ``onednn-devel-cpu-gomp`` wheel, a build requirement on
+Linux x86-64) the library is also linked against oneDNN (``onednn-cpu-gomp``, a dependency there),
+which runs unmasked LSTMs; ``RNNJAX_ONEDNN_BUILD=0`` builds without it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,35 @@ SOURCE = "rnnjax/_native/rnn_cpu.cc"
 # GCC's default 256 on a Sapphire Rapids core.
 TUNED = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
 PORTABLE = ["-O3", "-fopenmp-simd"]
+
+
+def _installed_file(distribution: str, name: str) -> Path | None:
+    """Where an installed wheel put a file called ``name`` (its data files included)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == name:
+            return Path(metadata.distribution(distribution).locate_file(f)).resolve()
+    return None
+
+
+def onednn_flags() -> list[str]:
+    """Compiler flags that build the oneDNN LSTM path, or [] when oneDNN is not installed."""
+    if os.environ.get("RNNJAX_ONEDNN_BUILD", "1") == "0":
+        return []
+    header = _installed_file("onednn-devel-cpu-gomp", "dnnl.hpp")
+    library = _installed_file("onednn-cpu-gomp", "libdnnl.so.3")
+    if header is None or library is None:
+        return []
+    include = header.parent if header.parent.name != "dnnl" else header.parent.parent.parent
+    return [
+        "-DRNNJAX_WITH_DNNL", f"-I{include}", f"-L{library.parent}", "-l:libdnnl.so.3",
+        f"-Wl,-rpath,{library.parent}",
+    ]  # fmt: skip
 
 
 class BuildNative(build_ext):
@@ -46,10 +79,13 @@ class BuildNative(build_ext):
         compiler = os.environ.get("CXX", "c++")
         custom = os.environ.get("RNNJAX_NATIVE_CFLAGS")
         attempts = [shlex.split(custom)] if custom else [TUNED, PORTABLE]
+        onednn = onednn_flags()
+        if onednn:
+            attempts = [[*flags, *onednn] for flags in attempts] + attempts
         for flags in attempts:
             cmd = [
-                compiler, *flags, "-std=c++17", "-fPIC", "-shared", f"-I{include}",
-                *ext.sources, "-o", str(target),
+                compiler, "-std=c++17", "-fPIC", "-shared", f"-I{include}",
+                *ext.sources, *flags, "-o", str(target),
             ]  # fmt: skip
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True)

@@ -85,24 +85,33 @@ def test_the_default_lstm_runs_the_kernels_forward_and_backward():
 
 
 def test_large_inference_runs_xla_loop_and_training_the_kernels():
-    """A forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS lowers to XLA's loop
-    (measured faster there); its gradient still runs the kernels. Values agree either way."""
+    """A masked forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS lowers to XLA's
+    loop (measured faster there than the own kernel); its gradient still runs the kernels, and
+    an unmasked one runs oneDNN (when built with it). Values agree in every case."""
     b, h = 128, native_kernels.INFERENCE_MAX_UNITS // 128
     cell = rj.cells.lstm(h)
     params = cell.init(jax.random.key(0), I)
     xs = jax.random.normal(jax.random.key(1), (b, 2, I))
+    lengths = jnp.full((b,), 2)
 
-    def run(params, xs):
+    def run(params, xs, lengths):
+        return jax.vmap(lambda x, n: rj.scan(cell, params, x, length=n)[1])(xs, lengths)
+
+    def loss(params, xs, lengths):
+        return jnp.sum(run(params, xs, lengths) ** 2)
+
+    forward = _hlo(run, params, xs, lengths)
+    assert "rnnjax_lstm_forward" not in forward and "while" in forward
+    assert "rnnjax_lstm_forward" in _hlo(jax.grad(loss), params, xs, lengths)
+    step = jax.vmap(lambda x: rj.scan(cell._replace(sequence=None), params, x)[1])(xs)
+    assert_close(jax.jit(run)(params, xs, lengths), step)
+
+    def unmasked(params, xs):
         return jax.vmap(lambda x: rj.scan(cell, params, x)[1])(xs)
 
-    def loss(params, xs):
-        return jnp.sum(run(params, xs) ** 2)
-
-    forward = _hlo(run, params, xs)
-    assert "rnnjax_lstm_forward" not in forward and "while" in forward
-    assert "rnnjax_lstm_forward" in _hlo(jax.grad(loss), params, xs)
-    step = jax.vmap(lambda x: rj.scan(cell._replace(sequence=None), params, x)[1])(xs)
-    assert_close(jax.jit(run)(params, xs), step)
+    dense = _hlo(unmasked, params, xs)
+    assert ("rnnjax_lstm_forward" in dense) == _native.onednn()
+    assert_close(jax.jit(unmasked)(params, xs), step)
 
 
 def test_which_cells_get_the_native_path():
@@ -177,12 +186,18 @@ def test_vmap_over_params_falls_back_to_the_references(name):
     assert_close(run(cell), run(cell._replace(sequence=None)))
 
 
+KERNEL_MODES = [("lstm", False), ("gru", False)]
+if _native.onednn():
+    KERNEL_MODES.append(("lstm", True))
+
+
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("name", list(CELLS))
-def test_kernels_equal_the_reference_primitives(name, reverse):
+@pytest.mark.parametrize(("name", "dense"), KERNEL_MODES)
+def test_kernels_equal_the_reference_primitives(name, dense, reverse):
     """The C++ forward and backward against the pure-JAX references they are tested by
     (the same functions are the lowering off the CPU), and the backward is the transpose of
-    the tangent."""
+    the tangent. ``dense``: the LSTM's oneDNN mode (no mask; its saved workspace is opaque,
+    which the references recompute instead of reading)."""
     kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
     g = 4 if name == "lstm" else 3
     k = iter(jax.random.split(jax.random.key(3), 12))
@@ -192,21 +207,24 @@ def test_kernels_equal_the_reference_primitives(name, reverse):
     biases = [0.1 * jax.random.normal(next(k), (g * H,)) for _ in range(kernels.n_weights - 2)]
     weights = (w_i, biases[0], w_h, *biases[1:])
     state = tuple(jax.random.normal(next(k), (kernels.n_state, B, H)))
-    mask = jax.random.uniform(next(k), (B, T)) > 0.3
+    mask = jnp.ones((B, T), bool) if dense else jax.random.uniform(next(k), (B, T)) > 0.3
     args = (x, *weights, *state, mask)
-    fwd = jax.jit(lambda *a: kernels.forward.bind(*a, reverse=reverse, save=True))
+    modes = {"reverse": reverse, "dense": dense}
+    fwd = jax.jit(lambda *a: kernels.forward.bind(*a, save=True, **modes))
     out = tuple(fwd(*args))
-    assert_close(out, tuple(native_kernels.reference(kernels.forward)(*args, reverse=reverse)))
-    ys, h_prev, res = out[0], out[-2], out[-1]
-    cts = (jnp.sin(ys), *(0.3 * s for s in state))
-    rest = (x, w_i, w_h, h_prev, res, mask)
-    bwd = jax.jit(lambda *a: kernels.backward.bind(*a, reverse=reverse, need_dx=True))
+    expected = native_kernels.reference(kernels.forward)(*args, **modes)
+    kept = 1 + kernels.n_state if dense else len(out)  # the workspace is oneDNN's business
+    assert_close(out[:kept], tuple(expected)[:kept])
+    assert [o.shape for o in out] == [e.shape for e in expected]
+    cts = (jnp.sin(out[0]), *(0.3 * s for s in state))
+    rest = (*args, *out)
+    bwd = jax.jit(lambda *a: kernels.backward.bind(*a, need_dx=True, **modes))
     got = tuple(bwd(*cts, *rest))
     backward = native_kernels.reference(kernels.backward)
-    assert_close(got, tuple(backward(*cts, *rest, reverse=reverse, need_dx=True)))
+    assert_close(got, tuple(backward(*cts, *rest, need_dx=True, **modes)))
 
     def tangent(*d):
-        return native_kernels.reference(kernels.tangent)(*d, *rest, reverse=reverse)
+        return native_kernels.reference(kernels.tangent)(*d, *rest, **modes)
 
     transpose = jax.linear_transpose(tangent, x, *weights, *state)
     assert_close(got, tuple(transpose(cts)))

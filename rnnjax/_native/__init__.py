@@ -4,11 +4,14 @@
 compiler, and is skipped with a warning when there is none). The library holds XLA FFI
 handlers for the recurrent loops of float32 LSTMs and GRUs; its matrix products call ``cblas_sgemm``
 from OpenBLAS (the ``scipy-openblas32`` wheel, a dependency), whose address is handed to the
-library here, so the library itself links against nothing but the C and C++ runtimes.
+library here. On Linux x86-64 the library is also linked against oneDNN (the ``onednn-cpu-gomp``
+wheel, a dependency there, whose ``libdnnl.so.3`` is loaded here first), whose RNN primitive runs
+LSTMs over unmasked sequences (:func:`onednn`).
 
 :func:`available` says whether the kernels are loaded (``RNNJAX_NATIVE=0`` in the environment
 switches them off); :func:`unavailable_reason` says why not. Cells use them on the CPU backend
 only when available, and otherwise run the same recurrence as ``lax.scan`` loops.
+``RNNJAX_ONEDNN=0`` keeps the kernels and switches only the oneDNN LSTM off.
 """
 
 from __future__ import annotations
@@ -50,10 +53,32 @@ def _sgemm_address() -> int:
     return ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p).value
 
 
+def _off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _preload_onednn() -> None:
+    """Load the oneDNN wheel's library with global symbols, so that the kernel library (linked
+    against ``libdnnl.so.3``) finds it wherever pip put it; nothing when it is not installed."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("onednn-cpu-gomp")
+    except metadata.PackageNotFoundError:
+        return
+    for f in dist.files or []:
+        if f.name == "libdnnl.so.3":
+            ctypes.CDLL(str(Path(dist.locate_file(f)).resolve()), mode=ctypes.RTLD_GLOBAL)
+            return
+
+
+_LIBRARY: list[ctypes.CDLL] = []
+
+
 @functools.cache
 def _load() -> str | None:
     """Load and register the kernels once; None on success, else why they are unavailable."""
-    if os.environ.get("RNNJAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _off("RNNJAX_NATIVE"):
         return "switched off by RNNJAX_NATIVE=0"
     path = library_path()
     if path is None:
@@ -66,13 +91,20 @@ def _load() -> str | None:
     except (ImportError, OSError, AttributeError) as err:
         return f"no usable OpenBLAS (pip install scipy-openblas32): {err}"
     try:
+        _preload_onednn()
+    except OSError as err:
+        return f"could not load oneDNN (pip install onednn-cpu-gomp==2023.2.0): {err}"
+    try:
         lib = ctypes.CDLL(str(path))
         lib.rnnjax_set_sgemm(ctypes.c_void_p(sgemm))
+        lib.rnnjax_lstm_workspace_bytes.restype = ctypes.c_int64
+        lib.rnnjax_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
         for target, symbol in TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     except (OSError, AttributeError) as err:
         return f"could not load {path.name}: {err}"
+    _LIBRARY.append(lib)
     return None
 
 
@@ -84,3 +116,21 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
     return _load()
+
+
+def onednn() -> bool:
+    """Whether unmasked float32 LSTMs run oneDNN's RNN primitive: the kernels are loaded, were
+    built with oneDNN, and ``RNNJAX_ONEDNN=0`` is not set."""
+    return available() and not _off("RNNJAX_ONEDNN") and bool(_LIBRARY[0].rnnjax_has_onednn())
+
+
+@functools.cache
+def lstm_workspace_bytes(steps: int, input_size: int, hidden: int, reverse: bool) -> int:
+    """Bytes of oneDNN's saved training workspace for one example (batch 1) of an LSTM; a batch
+    of B needs at most B times as much (the kernels check)."""
+    if not available():
+        raise RuntimeError(f"rnnjax: the native CPU kernels are unavailable: {_load()}")
+    size = int(_LIBRARY[0].rnnjax_lstm_workspace_bytes(1, steps, input_size, hidden, int(reverse)))
+    if size < 0:
+        raise RuntimeError("rnnjax: oneDNN could not plan an LSTM of this shape")
+    return size

@@ -24,6 +24,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -94,21 +96,28 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
 class Work {
  public:
   static constexpr size_t kKeepBytes = size_t{64} << 20;
+  static constexpr int kSlots = 9;
 
   Work(int slot, size_t n) {
+    n += kAlignFloats;  // room to start on a 64-byte boundary
     if (n * sizeof(float) <= kKeepBytes) {
-      thread_local std::vector<float> kept[4];
+      thread_local std::vector<float> kept[kSlots];
       std::vector<float>& v = kept[slot];
       if (v.size() < n) v.resize(n);
-      data_ = v.data();
+      data_ = Aligned(v.data());
     } else {
       own_.resize(n);
-      data_ = own_.data();
+      data_ = Aligned(own_.data());
     }
   }
   float* data() const { return data_; }
 
  private:
+  static constexpr size_t kAlignFloats = 16;
+  static float* Aligned(float* p) {
+    const auto at = reinterpret_cast<uintptr_t>(p);
+    return reinterpret_cast<float*>((at + 63) & ~uintptr_t{63});
+  }
   std::vector<float> own_;
   float* data_ = nullptr;
 };
@@ -133,6 +142,15 @@ ffi::Error CheckDims(ffi::Span<const int64_t> seq, int64_t width,
   d->steps = seq[1];
   d->hidden = wd[0];
   return ffi::Error::Success();
+}
+
+ffi::Error NoDnnl() {
+  return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                    "rnnjax native LSTM: dense mode needs oneDNN, and this build has none");
+}
+
+ffi::Error NoDenseGru() {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "rnnjax native GRU: no dense mode");
 }
 
 // After a backward loop: from the gate cotangents dz (rows, G) of all steps and the inputs
@@ -160,10 +178,237 @@ void WeightGradients(int64_t rows, int64_t K, int64_t G, const float* in, const 
   }
 }
 
+// ------------------------------------------------------------------------------ LSTM, oneDNN
+// Without masks (every step of every row real), the LSTM runs oneDNN's RNN primitive when the
+// library was built with it (RNNJAX_WITH_DNNL; oneDNN from the onednn-cpu-gomp wheel): the
+// input projection of all steps as one matmul, the recurrent matmul per step on weights packed
+// once per call, the gates fused into it, on all cores. In that mode ("dense") the forward pass
+// saves oneDNN's opaque workspace in `res` instead of h_prev and the gates, and the backward
+// pass is oneDNN's. Weights arrive and leave in our (I, 4H) layout, which is oneDNN's ldigo
+// (gates i, f, g, o as PyTorch's); x and ys are (B, T, .), oneDNN's ntc.
+#ifdef RNNJAX_WITH_DNNL
+}  // namespace
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+constexpr auto kF32 = memory::data_type::f32;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Descriptors of the arrays as rnnjax lays them out.
+struct LstmLayout {
+  memory::desc x, y, state, w_i, w_h, bias;
+  LstmLayout(int64_t B, int64_t T, int64_t I, int64_t H)
+      : x({T, B, I}, kF32, Tag::ntc),
+        y({T, B, H}, kF32, Tag::ntc),
+        state({1, 1, B, H}, kF32, Tag::ldnc),
+        w_i({1, 1, I, 4, H}, kF32, Tag::ldigo),
+        w_h({1, 1, H, 4, H}, kF32, Tag::ldigo),
+        bias({1, 1, 4, H}, kF32, Tag::ldgo) {}
+};
+
+// The primitives for one shape and direction, made once (oneDNN generates their code).
+struct LstmPlan {
+  LstmLayout layout;
+  dnnl::lstm_forward::primitive_desc fwd_pd;
+  dnnl::lstm_forward fwd;
+  dnnl::reorder fwd_w_i, fwd_w_h;  // our weights -> the forward's packed ones
+  bool backward = false;
+  dnnl::lstm_backward::primitive_desc bwd_pd;
+  dnnl::lstm_backward bwd;
+  dnnl::reorder bwd_w_i, bwd_w_h, out_dw_i, out_dw_h;  // to its packed weights; dW back to ours
+
+  LstmPlan(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, int kind)
+      : layout(B, T, I, H) {
+    const auto direction = reverse ? dnnl::rnn_direction::unidirectional_right2left
+                                   : dnnl::rnn_direction::unidirectional_left2right;
+    const memory::desc any_i(layout.w_i.get_dims(), kF32, Tag::any);
+    const memory::desc any_h(layout.w_h.get_dims(), kF32, Tag::any);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per-thread buffers: see Run
+    const auto& l = layout;
+    fwd_pd = dnnl::lstm_forward::primitive_desc(
+        Engine(), kind == kInference ? dnnl::prop_kind::forward_inference
+                                     : dnnl::prop_kind::forward_training,
+        direction, l.x, l.state, l.state, any_i, any_h, l.bias, l.y, l.state, l.state, attr);
+    fwd = dnnl::lstm_forward(fwd_pd);
+    fwd_w_i = dnnl::reorder(Reorder(l.w_i, fwd_pd.weights_layer_desc()));
+    fwd_w_h = dnnl::reorder(Reorder(l.w_h, fwd_pd.weights_iter_desc()));
+    if (kind == kBackward) {
+      backward = true;
+      bwd_pd = dnnl::lstm_backward::primitive_desc(
+          Engine(), dnnl::prop_kind::backward, direction, l.x, l.state, l.state, any_i, any_h,
+          l.bias, l.y, l.state, l.state, l.x, l.state, l.state, any_i, any_h, l.bias, l.y,
+          l.state, l.state, fwd_pd, attr);
+      bwd = dnnl::lstm_backward(bwd_pd);
+      bwd_w_i = dnnl::reorder(Reorder(l.w_i, bwd_pd.weights_layer_desc()));
+      bwd_w_h = dnnl::reorder(Reorder(l.w_h, bwd_pd.weights_iter_desc()));
+      out_dw_i = dnnl::reorder(Reorder(bwd_pd.diff_weights_layer_desc(), l.w_i));
+      out_dw_h = dnnl::reorder(Reorder(bwd_pd.diff_weights_iter_desc(), l.w_h));
+    }
+  }
+
+  enum { kInference = 0, kTraining = 1, kBackward = 2 };
+
+  static dnnl::reorder::primitive_desc Reorder(const memory::desc& from, const memory::desc& to) {
+    return dnnl::reorder::primitive_desc(Engine(), from, Engine(), to);
+  }
+};
+
+LstmPlan& Plan(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, int kind) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int>,
+                  std::unique_ptr<LstmPlan>>
+      plans;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& plan = plans[{B, T, I, H, reverse, kind}];
+  if (!plan) plan = std::make_unique<LstmPlan>(B, T, I, H, reverse, kind);
+  return *plan;
+}
+
+memory Wrap(const memory::desc& md, const void* data) {
+  return memory(md, Engine(), const_cast<void*>(data));
+}
+
+size_t Floats(const memory::desc& md) { return (md.get_size() + sizeof(float) - 1) / sizeof(float); }
+
+// One execution on this thread's stream; packed weights and the scratchpad live in this
+// thread's Work buffers (slots 4-8), so concurrent calls from XLA's threads share nothing.
+void Run(const dnnl::primitive& prim, std::unordered_map<int, memory> args) {
+  thread_local dnnl::stream stream(Engine());
+  prim.execute(stream, args);
+  stream.wait();
+}
+
+void Convert(const dnnl::reorder& r, const memory& from, const memory& to) {
+  thread_local dnnl::stream stream(Engine());
+  r.execute(stream, const_cast<memory&>(from), const_cast<memory&>(to));
+  stream.wait();
+}
+
+ffi::Error DnnlError(const char* where, const std::exception& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("rnnjax native LSTM (oneDNN ") + where + "): " + e.what());
+}
+
+// Bytes of oneDNN's training workspace for this shape (the dense `res`), or -1 on failure.
+int64_t DnnlLstmWorkspaceBytes(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse) {
+  try {
+    return static_cast<int64_t>(
+        Plan(B, T, I, H, reverse, LstmPlan::kTraining).fwd_pd.workspace_desc().get_size());
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+ffi::Error DnnlLstmForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, bool save,
+                           const float* x, const float* w_i, const float* bias,
+                           const float* w_h, const float* h0, const float* c0, float* ys,
+                           float* h_last, float* c_last, float* res, size_t res_bytes) {
+  try {
+    LstmPlan& p = Plan(B, T, I, H, reverse, save ? LstmPlan::kTraining : LstmPlan::kInference);
+    const auto& pd = p.fwd_pd;
+    if (save && pd.workspace_desc().get_size() > res_bytes) {
+      return ffi::Error(ffi::ErrorCode::kInternal,
+                        "rnnjax native LSTM: oneDNN's workspace outgrew the saved array");
+    }
+    Work wi(4, Floats(pd.weights_layer_desc())), wh(5, Floats(pd.weights_iter_desc()));
+    Work pad(6, Floats(pd.scratchpad_desc()));
+    memory packed_i(pd.weights_layer_desc(), Engine(), wi.data());
+    memory packed_h(pd.weights_iter_desc(), Engine(), wh.data());
+    Convert(p.fwd_w_i, Wrap(p.layout.w_i, w_i), packed_i);
+    Convert(p.fwd_w_h, Wrap(p.layout.w_h, w_h), packed_h);
+    const auto& l = p.layout;
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC_LAYER, Wrap(l.x, x)},
+        {DNNL_ARG_SRC_ITER, Wrap(l.state, h0)},
+        {DNNL_ARG_SRC_ITER_C, Wrap(l.state, c0)},
+        {DNNL_ARG_WEIGHTS_LAYER, packed_i},
+        {DNNL_ARG_WEIGHTS_ITER, packed_h},
+        {DNNL_ARG_BIAS, Wrap(l.bias, bias)},
+        {DNNL_ARG_DST_LAYER, Wrap(l.y, ys)},
+        {DNNL_ARG_DST_ITER, Wrap(l.state, h_last)},
+        {DNNL_ARG_DST_ITER_C, Wrap(l.state, c_last)},
+        {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), pad.data())},
+    };
+    if (save) args[DNNL_ARG_WORKSPACE] = Wrap(pd.workspace_desc(), res);
+    Run(p.fwd, std::move(args));
+  } catch (const std::exception& e) {
+    return DnnlError("forward", e);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DnnlLstmBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
+                            const float* gys, const float* gh_last, const float* gc_last,
+                            const float* x, const float* w_i, const float* bias,
+                            const float* w_h, const float* h0, const float* c0,
+                            const float* ys, const float* h_last, const float* c_last,
+                            const float* res, float* gx, float* gw_i, float* gb, float* gw_h,
+                            float* gh0, float* gc0) {
+  try {
+    LstmPlan& p = Plan(B, T, I, H, reverse, LstmPlan::kBackward);
+    const auto& pd = p.bwd_pd;
+    const auto& l = p.layout;
+    Work wi(4, Floats(pd.weights_layer_desc())), wh(5, Floats(pd.weights_iter_desc()));
+    Work pad(6, Floats(pd.scratchpad_desc()));
+    Work dwi(7, Floats(pd.diff_weights_layer_desc())), dwh(8, Floats(pd.diff_weights_iter_desc()));
+    memory packed_i(pd.weights_layer_desc(), Engine(), wi.data());
+    memory packed_h(pd.weights_iter_desc(), Engine(), wh.data());
+    memory packed_di(pd.diff_weights_layer_desc(), Engine(), dwi.data());
+    memory packed_dh(pd.diff_weights_iter_desc(), Engine(), dwh.data());
+    Convert(p.bwd_w_i, Wrap(l.w_i, w_i), packed_i);
+    Convert(p.bwd_w_h, Wrap(l.w_h, w_h), packed_h);
+    // oneDNN adds the weight and bias gradients into these.
+    std::memset(dwi.data(), 0, pd.diff_weights_layer_desc().get_size());
+    std::memset(dwh.data(), 0, pd.diff_weights_iter_desc().get_size());
+    std::memset(gb, 0, sizeof(float) * 4 * H);
+    Run(p.bwd, {
+                   {DNNL_ARG_SRC_LAYER, Wrap(l.x, x)},
+                   {DNNL_ARG_SRC_ITER, Wrap(l.state, h0)},
+                   {DNNL_ARG_SRC_ITER_C, Wrap(l.state, c0)},
+                   {DNNL_ARG_WEIGHTS_LAYER, packed_i},
+                   {DNNL_ARG_WEIGHTS_ITER, packed_h},
+                   {DNNL_ARG_BIAS, Wrap(l.bias, bias)},
+                   {DNNL_ARG_DST_LAYER, Wrap(l.y, ys)},
+                   {DNNL_ARG_DST_ITER, Wrap(l.state, h_last)},
+                   {DNNL_ARG_DST_ITER_C, Wrap(l.state, c_last)},
+                   {DNNL_ARG_DIFF_SRC_LAYER, Wrap(l.x, gx)},
+                   {DNNL_ARG_DIFF_SRC_ITER, Wrap(l.state, gh0)},
+                   {DNNL_ARG_DIFF_SRC_ITER_C, Wrap(l.state, gc0)},
+                   {DNNL_ARG_DIFF_WEIGHTS_LAYER, packed_di},
+                   {DNNL_ARG_DIFF_WEIGHTS_ITER, packed_dh},
+                   {DNNL_ARG_DIFF_BIAS, Wrap(l.bias, gb)},
+                   {DNNL_ARG_DIFF_DST_LAYER, Wrap(l.y, gys)},
+                   {DNNL_ARG_DIFF_DST_ITER, Wrap(l.state, gh_last)},
+                   {DNNL_ARG_DIFF_DST_ITER_C, Wrap(l.state, gc_last)},
+                   {DNNL_ARG_WORKSPACE, Wrap(p.fwd_pd.workspace_desc(), res)},
+                   {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), pad.data())},
+               });
+    Convert(p.out_dw_i, packed_di, Wrap(l.w_i, gw_i));
+    Convert(p.out_dw_h, packed_dh, Wrap(l.w_h, gw_h));
+  } catch (const std::exception& e) {
+    return DnnlError("backward", e);
+  }
+  return ffi::Error::Success();
+}
+#endif  // RNNJAX_WITH_DNNL
+
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                           ffi::Buffer<ffi::PRED> mask, bool reverse, bool save,
+                           ffi::Buffer<ffi::PRED> mask, bool reverse, bool save, bool dense,
                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
                            ffi::ResultBuffer<ffi::F32> c_last,
                            ffi::ResultBuffer<ffi::F32> h_prev,
@@ -177,6 +422,16 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                       "rnnjax native LSTM: expected x (B, T, I) and w_i (I, 4H)");
   }
   const int64_t I = xd[2], K = I + H;
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    return DnnlLstmForward(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
+                           bias.typed_data(), w_h.typed_data(), h0.typed_data(), c0.typed_data(),
+                           ys->typed_data(), h_last->typed_data(), c_last->typed_data(),
+                           res->typed_data(), res->size_bytes());
+#else
+    return NoDnnl();
+#endif
+  }
   const float* px = x.typed_data();
   const bool* pm = mask.typed_data();
   float* py = ys->typed_data();
@@ -238,12 +493,30 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
 // weight gradients are three large matmuls over its B*T rows after the loop.
 ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_last,
                             ffi::Buffer<ffi::F32> gc_last, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w_i, ffi::Buffer<ffi::F32> w_h,
-                            ffi::Buffer<ffi::F32> h_prev, ffi::Buffer<ffi::F32> res,
-                            ffi::Buffer<ffi::PRED> mask, bool reverse, bool need_dx,
+                            ffi::Buffer<ffi::F32> w_i, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
+                            ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h_last,
+                            ffi::Buffer<ffi::F32> c_last, ffi::Buffer<ffi::F32> h_prev,
+                            ffi::Buffer<ffi::F32> res, bool reverse, bool need_dx, bool dense,
                             ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw_i,
                             ffi::ResultBuffer<ffi::F32> gb, ffi::ResultBuffer<ffi::F32> gw_h,
                             ffi::ResultBuffer<ffi::F32> gh0, ffi::ResultBuffer<ffi::F32> gc0) {
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    Dims d;
+    if (auto err = CheckDims(ys.dimensions(), 1, w_h, &d); err.failure()) return err;
+    return DnnlLstmBackward(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
+                            gys.typed_data(), gh_last.typed_data(), gc_last.typed_data(),
+                            x.typed_data(), w_i.typed_data(), bias.typed_data(),
+                            w_h.typed_data(), h0.typed_data(), c0.typed_data(), ys.typed_data(),
+                            h_last.typed_data(), c_last.typed_data(), res.typed_data(),
+                            gx->typed_data(), gw_i->typed_data(), gb->typed_data(),
+                            gw_h->typed_data(), gh0->typed_data(), gc0->typed_data());
+#else
+    return NoDnnl();
+#endif
+  }
   Dims d;
   if (auto err = CheckDims(res.dimensions(), 6, w_h, &d); err.failure()) return err;
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H;
@@ -314,9 +587,10 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
 ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                           ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
                           ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::F32> h0,
-                          ffi::Buffer<ffi::PRED> mask, bool reverse, bool save,
+                          ffi::Buffer<ffi::PRED> mask, bool reverse, bool save, bool dense,
                           ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
                           ffi::ResultBuffer<ffi::F32> h_prev, ffi::ResultBuffer<ffi::F32> res) {
+  if (dense) return NoDenseGru();
   Dims d;
   if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
@@ -386,12 +660,15 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
 // BPTT of the GRU: cotangents of x, W_i, b_i, W_h, b_h and h0 from those of ys and h_last.
 ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_last,
                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
-                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h_prev,
-                           ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::PRED> mask,
-                           bool reverse, bool need_dx, ffi::ResultBuffer<ffi::F32> gx,
-                           ffi::ResultBuffer<ffi::F32> gw_i, ffi::ResultBuffer<ffi::F32> gb_i,
-                           ffi::ResultBuffer<ffi::F32> gw_h, ffi::ResultBuffer<ffi::F32> gb_h,
-                           ffi::ResultBuffer<ffi::F32> gh0) {
+                           ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
+                           ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> ys,
+                           ffi::Buffer<ffi::F32> h_last, ffi::Buffer<ffi::F32> h_prev,
+                           ffi::Buffer<ffi::F32> res, bool reverse, bool need_dx, bool dense,
+                           ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw_i,
+                           ffi::ResultBuffer<ffi::F32> gb_i, ffi::ResultBuffer<ffi::F32> gw_h,
+                           ffi::ResultBuffer<ffi::F32> gb_h, ffi::ResultBuffer<ffi::F32> gh0) {
+  if (dense) return NoDenseGru();
   Dims d;
   if (auto err = CheckDims(res.dimensions(), 4, w_h, &d, 3); err.failure()) return err;
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
@@ -472,6 +749,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
+                                  .Attr<bool>("dense")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_last
                                   .Ret<ffi::Buffer<ffi::F32>>()   // c_last
@@ -486,12 +764,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // gc_last
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ys
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h_last
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c_last
                                   .Arg<ffi::Buffer<ffi::F32>>()   // h_prev
                                   .Arg<ffi::Buffer<ffi::F32>>()   // res
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("need_dx")
+                                  .Attr<bool>("dense")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gx
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gw_i
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gb
@@ -511,6 +796,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruForward, GruForwardImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
+                                  .Attr<bool>("dense")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_last
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_prev
@@ -523,12 +809,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruBackward, GruBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // gh_last
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_i
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ys
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h_last
                                   .Arg<ffi::Buffer<ffi::F32>>()   // h_prev
                                   .Arg<ffi::Buffer<ffi::F32>>()   // res
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("need_dx")
+                                  .Attr<bool>("dense")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gx
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gw_i
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gb_i
@@ -541,5 +833,25 @@ extern "C" {
 // Called once from Python with the address of cblas_sgemm.
 __attribute__((visibility("default"))) void rnnjax_set_sgemm(void* fn) {
   g_sgemm = reinterpret_cast<SgemmFn>(fn);
+}
+
+// Whether this build runs unmasked LSTMs on oneDNN (the dense mode).
+__attribute__((visibility("default"))) int rnnjax_has_onednn() {
+#ifdef RNNJAX_WITH_DNNL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Bytes of the dense LSTM's saved workspace for a (B, T, I) input and H units; -1 without
+// oneDNN or on failure.
+__attribute__((visibility("default"))) int64_t rnnjax_lstm_workspace_bytes(
+    int64_t B, int64_t T, int64_t I, int64_t H, int reverse) {
+#ifdef RNNJAX_WITH_DNNL
+  return DnnlLstmWorkspaceBytes(B, T, I, H, reverse != 0);
+#else
+  return -1;
+#endif
 }
 }

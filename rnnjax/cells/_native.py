@@ -47,9 +47,18 @@ def _time_major(*arrays):
     return tuple(jnp.swapaxes(x, 0, 1) for x in arrays)
 
 
-def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True):
+def _dense_workspace(x, w_h, reverse):
+    """The dense (oneDNN) mode's saved array: ``(B, W)``, room for oneDNN's workspace. The
+    references leave it zero and recompute what they need from the inputs."""
+    steps, size = x.shape[1], x.shape[2]
+    nbytes = _native.lstm_workspace_bytes(steps, size, w_h.shape[0], bool(reverse))
+    return jnp.zeros((x.shape[0], -(-nbytes // 4)), x.dtype)
+
+
+def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense=False):
     """``(ys, h_last, c_last, h_prev, res)`` of the masked LSTM over ``x (B, T, I)``; without
-    ``save`` (inference) ``h_prev`` and ``res`` are empty, ``(B, 0)``."""
+    ``save`` (inference) ``h_prev`` and ``res`` are empty, ``(B, 0)``; in dense mode (oneDNN's
+    kernels, no mask) ``h_prev`` is empty and ``res`` holds oneDNN's workspace."""
 
     def body(carry, inputs):
         h, c = carry
@@ -67,9 +76,18 @@ def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True):
 
     (h, c), (ys, h_prev, res) = lax.scan(body, (h0, c0), _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    if not save:
+    if not save or dense:
         h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
+    if save and dense:
+        res = _dense_workspace(x, w_h, reverse)
     return ys, h, c, h_prev, res
+
+
+def _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, *, reverse, dense):
+    """``(h_prev, res)`` as the references use them: in dense mode, recomputed."""
+    if dense:
+        return forward_reference(x, w_i, b, w_h, h0, c0, mask, reverse=reverse)[3:]
+    return h_prev, res
 
 
 def _weight_cotangents(inputs, w, gz, need_dx):
@@ -89,9 +107,11 @@ def _gate_tangents(dx, dw_i, db, dw_h, x, w_i, h_prev):
     return dx @ w_i + x @ dw_i + db + h_prev @ dw_h
 
 
-def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, w_h, h_prev, res, mask, *, reverse):
-    """The recurrence's tangent, linear in ``(dx, dW_i, db, dW_h, dh0, dc0)``:
-    ``(dys, dh_last, dc_last)``."""
+def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, b, w_h, h0, c0, mask, ys, h, c,
+                      h_prev, res, *, reverse, dense=False):  # fmt: skip
+    """The recurrence's tangent, linear in ``(dx, dW_i, db, dW_h, dh0, dc0)``, at the forward
+    pass whose inputs and outputs follow: ``(dys, dh_last, dc_last)``."""
+    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse, dense=dense)
     dz = _gate_tangents(dx, dw_i, db, dw_h, x, w_i, h_prev)
 
     def body(carry, inputs):
@@ -109,10 +129,12 @@ def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, w_h, h_prev, res, ma
     return jnp.swapaxes(dys, 0, 1), dh, dc
 
 
-def backward_reference(gys, gh_last, gc_last, x, w_i, w_h, h_prev, res, mask, *, reverse, need_dx):
+def backward_reference(gys, gh_last, gc_last, x, w_i, b, w_h, h0, c0, mask, ys, h, c, h_prev, res,
+                       *, reverse, need_dx, dense=False):  # fmt: skip
     """The transpose of :func:`tangent_reference` (backpropagation through time): the
     cotangents ``(gx, gW_i, gb, gW_h, gh0, gc0)`` from those of ``(ys, h_last, c_last)``.
     ``need_dx=False`` may leave ``gx`` unset (zero here)."""
+    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse, dense=dense)
 
     def body(carry, inputs):
         gh, gc = carry
@@ -143,7 +165,7 @@ def backward_reference(gys, gh_last, gc_last, x, w_i, w_h, h_prev, res, mask, *,
     return gx, gw_i, gb, gw_h, gh, gc
 
 
-def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True):
+def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True, dense=False):
     """``(ys, h_last, h_prev, res)`` of the masked reset-after GRU, ``res = [r, z, n, gh_n]``
     with ``gh_n = h W_hn + b_hn``; without ``save`` ``h_prev`` and ``res`` are ``(B, 0)``."""
 
@@ -165,9 +187,10 @@ def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True
     return ys, h, h_prev, res
 
 
-def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, w_h, h_prev, res, mask, *,
-                          reverse):  # fmt: skip
-    """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``."""
+def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h, h0, mask, ys, h,
+                          h_prev, res, *, reverse, dense=False):  # fmt: skip
+    """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``.
+    (The GRU has no dense mode: ``dense`` is always False.)"""
     dgi = dx @ w_i + x @ dw_i + db_i
     dgh_w = h_prev @ dw_h + db_h
 
@@ -189,7 +212,8 @@ def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, w_h, h_prev, 
     return jnp.swapaxes(dys, 0, 1), dh
 
 
-def gru_backward_reference(gys, gh_last, x, w_i, w_h, h_prev, res, mask, *, reverse, need_dx):
+def gru_backward_reference(gys, gh_last, x, w_i, b_i, w_h, b_h, h0, mask, ys, h, h_prev, res, *,
+                           reverse, need_dx, dense=False):  # fmt: skip
     """The transpose of :func:`gru_tangent_reference`: ``(gx, gW_i, gb_i, gW_h, gb_h, gh0)``."""
 
     def body(gh, inputs):
@@ -289,11 +313,12 @@ class Kernels(NamedTuple):
     """One cell's three primitives and the layout of their operands.
 
     forward: ``(x, *weights, *state0, mask) -> (ys, *state_last, h_prev, res)``;
-    tangent: ``(dx, *dweights, *dstate0, x, w_i, w_h, h_prev, res, mask) -> (dys, *dstate_last)``,
-    linear in the leading tangents; backward: ``(gys, *gstate_last, x, w_i, w_h, h_prev, res,
-    mask) -> (gx, *gweights, *gstate0)``, its transpose. ``weights`` is ``(w_i, b, w_h)`` for the
-    LSTM and ``(w_i, b_i, w_h, b_h)`` for the GRU (``w_h`` third in both); the state is
-    ``(h, c)`` or ``(h,)``.
+    tangent: ``(dx, *dweights, *dstate0, *forward_inputs, *forward_outputs) -> (dys,
+    *dstate_last)``, linear in the leading tangents; backward: ``(gys, *gstate_last,
+    *forward_inputs, *forward_outputs) -> (gx, *gweights, *gstate0)``, its transpose. ``weights``
+    is ``(w_i, b, w_h)`` for the LSTM and ``(w_i, b_i, w_h, b_h)`` for the GRU (``w_h`` third in
+    both); the state is ``(h, c)`` or ``(h,)``. Every primitive takes ``reverse`` and ``dense``
+    (the LSTM's oneDNN mode for unmasked sequences; always False for the GRU).
     """
 
     name: str
@@ -306,44 +331,46 @@ class Kernels(NamedTuple):
 
 def _kernels(name, n_weights, n_state, forward_ref, tangent_ref, backward_ref) -> Kernels:
     n_tangent = 1 + n_weights + n_state
-    n_rest = 6  # x, w_i, w_h, h_prev, res, mask
+    n_inputs = n_tangent + 1  # x, weights, state0, mask
+    n_rest = n_inputs + 1 + n_state + 2  # and ys, state_last, h_prev, res
+    weights = range(1, 1 + n_weights)
     # `shared`: operands that are the same for every example (weights and weight tangents).
     # The backward's weight cotangents are sums over the batch, so a vmapped backward (per-example
     # gradients: vmap of grad) runs the reference for every example.
     kernels = Kernels(
         name,
-        _primitive(f"rnnjax_{name}_forward", forward_ref, shared=range(1, 1 + n_weights)),
+        _primitive(f"rnnjax_{name}_forward", forward_ref, shared=weights),
         _primitive(
             f"rnnjax_{name}_tangent",
             tangent_ref,
-            shared=(*range(1, 1 + n_weights), n_tangent + 1, n_tangent + 2),
+            shared=(*weights, *(n_tangent + i for i in weights)),
         ),  # fmt: skip
         _primitive(f"rnnjax_{name}_backward", backward_ref, shared=range(1 + n_state + n_rest)),
         n_weights,
         n_state,
     )
 
-    def tangent_transpose(cts, *args, reverse):
+    def tangent_transpose(cts, *args, reverse, dense):
         linear, rest = args[:n_tangent], args[n_tangent:]
         if any(ad.is_undefined_primal(a) for a in rest):
             raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
         out = kernels.backward.bind(
             *[ad.instantiate_zeros(ct) for ct in cts], *rest,
-            reverse=reverse, need_dx=ad.is_undefined_primal(linear[0]),
+            reverse=reverse, need_dx=ad.is_undefined_primal(linear[0]), dense=dense,
         )  # fmt: skip
         picked = [
             o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
         ]
         return picked + [None] * len(rest)
 
-    def backward_transpose(cts, *args, reverse, need_dx):
+    def backward_transpose(cts, *args, reverse, need_dx, dense):
         linear, rest = args[: 1 + n_state], args[1 + n_state :]
         if any(ad.is_undefined_primal(a) for a in rest):
             raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
         cts = [ad.instantiate_zeros(ct) for ct in cts]
         if not need_dx:  # gx was not computed: it carries nothing back
             cts[0] = jnp.zeros_like(cts[0])
-        out = kernels.tangent.bind(*cts, *rest, reverse=reverse)
+        out = kernels.tangent.bind(*cts, *rest, reverse=reverse, dense=dense)
         picked = [
             o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
         ]
@@ -369,11 +396,11 @@ def _forward_lowering(prim: Primitive):
     native = jax.ffi.ffi_lowering(prim.name)
     loop = mlir.lower_fun(reference(prim), multiple_results=True)
 
-    def lowering(ctx, *args, reverse, save):
+    def lowering(ctx, *args, reverse, save, dense):
         batch, hidden = ctx.avals_in[0].shape[0], ctx.avals_in[3].shape[0]
         large = batch * hidden >= INFERENCE_MAX_UNITS
-        rule = loop if (not save and large) else native
-        return rule(ctx, *args, reverse=reverse, save=save)
+        rule = loop if (not save and not dense and large) else native
+        return rule(ctx, *args, reverse=reverse, save=save, dense=dense)
 
     return lowering
 
@@ -425,32 +452,39 @@ def ready() -> bool:
 # ----------------------------------------------------------------------------- the recurrence
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2))
-def recurrence(kernels: Kernels, args: tuple, reverse: bool):
-    """``(ys, *state_last)`` of a cell over ``args = (x (B, T, I), *weights, *state0, mask)``."""
-    out = kernels.forward.bind(*args, reverse=reverse, save=False)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2, 3))
+def recurrence(kernels: Kernels, args: tuple, reverse: bool, dense: bool):
+    """``(ys, *state_last)`` of a cell over ``args = (x (B, T, I), *weights, *state0, mask)``;
+    ``dense``: the mask is all True and the LSTM runs on oneDNN."""
+    out = kernels.forward.bind(*args, reverse=reverse, save=False, dense=dense)
     return tuple(out[: 1 + kernels.n_state])
 
 
 @recurrence.defjvp
-def _recurrence_jvp(kernels, reverse, primals, tangents):
+def _recurrence_jvp(kernels, reverse, dense, primals, tangents):
     (args,), (dargs,) = primals, tangents
-    out = kernels.forward.bind(*args, reverse=reverse, save=True)
-    h_prev, res = out[-2:]
-    x, weights, mask = args[0], args[1 : 1 + kernels.n_weights], args[-1]
-    rest = (x, weights[0], weights[2], h_prev, res, mask)
-    tangent_out = kernels.tangent.bind(*dargs[:-1], *rest, reverse=reverse)
+    out = kernels.forward.bind(*args, reverse=reverse, save=True, dense=dense)
+    tangent_out = kernels.tangent.bind(*dargs[:-1], *args, *out, reverse=reverse, dense=dense)
     n = 1 + kernels.n_state
     return tuple(out[:n]), tuple(tangent_out)
+
+
+def _dense(kernels, xs, w_h, real) -> bool:
+    """Whether this sequence runs in the dense mode: an LSTM with no mask and no empty axis,
+    on kernels built with oneDNN (and ``RNNJAX_ONEDNN`` not 0)."""
+    return (
+        kernels is LSTM and real is None and min(*xs.shape, w_h.shape[0]) > 0 and _native.onednn()
+    )
 
 
 def _run(kernels, weights, xs, state0, real, reverse):
     w_i = weights[0]
     name = kernels.name
     check_step_input(name, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), w_i.shape[0])
+    dense = _dense(kernels, xs, weights[2], real)
     mask = jnp.ones(xs.shape[:1], bool) if real is None else real
     args = (xs[None], *weights, *(s[None] for s in state0), mask[None])
-    return [o[0] for o in recurrence(kernels, args, bool(reverse))]
+    return [o[0] for o in recurrence(kernels, args, bool(reverse), dense)]
 
 
 def lstm_sequence(params: dict, xs, h0, c0, real, *, reverse: bool):
