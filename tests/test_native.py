@@ -188,7 +188,7 @@ def test_vmap_over_params_falls_back_to_the_references(name):
 
 KERNEL_MODES = [("lstm", False), ("gru", False)]
 if _native.onednn():
-    KERNEL_MODES.append(("lstm", True))
+    KERNEL_MODES += [("lstm", True), ("gru", True)]
 
 
 @pytest.mark.parametrize("reverse", [False, True])

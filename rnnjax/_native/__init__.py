@@ -6,12 +6,12 @@ handlers for the recurrent loops of float32 LSTMs and GRUs; its matrix products 
 from OpenBLAS (the ``scipy-openblas32`` wheel, a dependency), whose address is handed to the
 library here. On Linux x86-64 the library is also linked against oneDNN (the ``onednn-cpu-gomp``
 wheel, a dependency there, whose ``libdnnl.so.3`` is loaded here first), whose RNN primitive runs
-LSTMs over unmasked sequences (:func:`onednn`).
+LSTMs and GRUs over unmasked sequences (:func:`onednn`).
 
 :func:`available` says whether the kernels are loaded (``RNNJAX_NATIVE=0`` in the environment
 switches them off); :func:`unavailable_reason` says why not. Cells use them on the CPU backend
 only when available, and otherwise run the same recurrence as ``lax.scan`` loops.
-``RNNJAX_ONEDNN=0`` keeps the kernels and switches only the oneDNN LSTM off.
+``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def _load() -> str | None:
     try:
         lib = ctypes.CDLL(str(path))
         lib.rnnjax_set_sgemm(ctypes.c_void_p(sgemm))
-        lib.rnnjax_lstm_workspace_bytes.restype = ctypes.c_int64
-        lib.rnnjax_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
+        lib.rnnjax_workspace_bytes.restype = ctypes.c_int64
+        lib.rnnjax_workspace_bytes.argtypes = [ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_int]
         for target, symbol in TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")
@@ -119,18 +119,19 @@ def unavailable_reason() -> str | None:
 
 
 def onednn() -> bool:
-    """Whether unmasked float32 LSTMs run oneDNN's RNN primitive: the kernels are loaded, were
-    built with oneDNN, and ``RNNJAX_ONEDNN=0`` is not set."""
+    """Whether unmasked float32 LSTMs and GRUs run oneDNN's RNN primitives: the kernels are
+    loaded, were built with oneDNN, and ``RNNJAX_ONEDNN=0`` is not set."""
     return available() and not _off("RNNJAX_ONEDNN") and bool(_LIBRARY[0].rnnjax_has_onednn())
 
 
 @functools.cache
-def lstm_workspace_bytes(steps: int, input_size: int, hidden: int, reverse: bool) -> int:
-    """Bytes of oneDNN's saved training workspace for one example (batch 1) of an LSTM; a batch
-    of B needs at most B times as much (the kernels check)."""
+def workspace_bytes(cell: str, steps: int, input_size: int, hidden: int, reverse: bool) -> int:
+    """Bytes of oneDNN's saved training workspace for one example (batch 1) of an ``"lstm"`` or
+    ``"gru"``; a batch of B needs at most B times as much (the kernels check)."""
     if not available():
         raise RuntimeError(f"rnnjax: the native CPU kernels are unavailable: {_load()}")
-    size = int(_LIBRARY[0].rnnjax_lstm_workspace_bytes(1, steps, input_size, hidden, int(reverse)))
+    gru = {"lstm": 0, "gru": 1}[cell]
+    size = _LIBRARY[0].rnnjax_workspace_bytes(gru, 1, steps, input_size, hidden, int(reverse))
     if size < 0:
-        raise RuntimeError("rnnjax: oneDNN could not plan an LSTM of this shape")
-    return size
+        raise RuntimeError(f"rnnjax: oneDNN could not plan a {cell} of this shape")
+    return int(size)

@@ -96,7 +96,7 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
 class Work {
  public:
   static constexpr size_t kKeepBytes = size_t{64} << 20;
-  static constexpr int kSlots = 9;
+  static constexpr int kSlots = 12;
 
   Work(int slot, size_t n) {
     n += kAlignFloats;  // room to start on a 64-byte boundary
@@ -146,11 +146,7 @@ ffi::Error CheckDims(ffi::Span<const int64_t> seq, int64_t width,
 
 ffi::Error NoDnnl() {
   return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                    "rnnjax native LSTM: dense mode needs oneDNN, and this build has none");
-}
-
-ffi::Error NoDenseGru() {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "rnnjax native GRU: no dense mode");
+                    "rnnjax native kernels: dense mode needs oneDNN, and this build has none");
 }
 
 // After a backward loop: from the gate cotangents dz (rows, G) of all steps and the inputs
@@ -178,14 +174,17 @@ void WeightGradients(int64_t rows, int64_t K, int64_t G, const float* in, const 
   }
 }
 
-// ------------------------------------------------------------------------------ LSTM, oneDNN
-// Without masks (every step of every row real), the LSTM runs oneDNN's RNN primitive when the
-// library was built with it (RNNJAX_WITH_DNNL; oneDNN from the onednn-cpu-gomp wheel): the
-// input projection of all steps as one matmul, the recurrent matmul per step on weights packed
-// once per call, the gates fused into it, on all cores. In that mode ("dense") the forward pass
-// saves oneDNN's opaque workspace in `res` instead of h_prev and the gates, and the backward
-// pass is oneDNN's. Weights arrive and leave in our (I, 4H) layout, which is oneDNN's ldigo
-// (gates i, f, g, o as PyTorch's); x and ys are (B, T, .), oneDNN's ntc.
+// ---------------------------------------------------------------------------- oneDNN (dense)
+// Without masks (every step of every row real), the LSTM and the GRU run oneDNN's RNN
+// primitives when the library was built with them (RNNJAX_WITH_DNNL; oneDNN from the
+// onednn-cpu-gomp wheel): the input projection of all steps as one matmul, the recurrent matmul
+// per step on weights packed once per call, the gates fused into it, on all cores. In that mode
+// ("dense") the forward pass saves oneDNN's opaque workspace in `res` instead of h_prev and the
+// gates, and the backward pass is oneDNN's. x and ys are (B, T, .), oneDNN's ntc layout.
+// Weights: the LSTM's (I, 4H) is oneDNN's ldigo as it is (gates i, f, g, o, as PyTorch's); the
+// GRU is oneDNN's linear-before-reset GRU, whose gates run u (our z), r, o (our n), so its
+// weights and biases are permuted on the way in and the gradients on the way out, and its
+// four biases are b_iz + b_hz, b_ir + b_hr, b_in, b_hn.
 #ifdef RNNJAX_WITH_DNNL
 }  // namespace
 #include <map>
@@ -206,74 +205,111 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// Descriptors of the arrays as rnnjax lays them out.
-struct LstmLayout {
+// Descriptors of the arrays in oneDNN's plain layouts (G gates; both cells have four biases).
+struct Layout {
   memory::desc x, y, state, w_i, w_h, bias;
-  LstmLayout(int64_t B, int64_t T, int64_t I, int64_t H)
+  Layout(int64_t B, int64_t T, int64_t I, int64_t H, int64_t G)
       : x({T, B, I}, kF32, Tag::ntc),
         y({T, B, H}, kF32, Tag::ntc),
         state({1, 1, B, H}, kF32, Tag::ldnc),
-        w_i({1, 1, I, 4, H}, kF32, Tag::ldigo),
-        w_h({1, 1, H, 4, H}, kF32, Tag::ldigo),
+        w_i({1, 1, I, G, H}, kF32, Tag::ldigo),
+        w_h({1, 1, H, G, H}, kF32, Tag::ldigo),
         bias({1, 1, 4, H}, kF32, Tag::ldgo) {}
 };
 
-// The primitives for one shape and direction, made once (oneDNN generates their code).
-struct LstmPlan {
-  LstmLayout layout;
-  dnnl::lstm_forward::primitive_desc fwd_pd;
-  dnnl::lstm_forward fwd;
-  dnnl::reorder fwd_w_i, fwd_w_h;  // our weights -> the forward's packed ones
-  bool backward = false;
-  dnnl::lstm_backward::primitive_desc bwd_pd;
-  dnnl::lstm_backward bwd;
-  dnnl::reorder bwd_w_i, bwd_w_h, out_dw_i, out_dw_h;  // to its packed weights; dW back to ours
+using Direction = dnnl::rnn_direction;
 
-  LstmPlan(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, int kind)
-      : layout(B, T, I, H) {
-    const auto direction = reverse ? dnnl::rnn_direction::unidirectional_right2left
-                                   : dnnl::rnn_direction::unidirectional_left2right;
+struct LstmCell {
+  using Fwd = dnnl::lstm_forward;
+  using Bwd = dnnl::lstm_backward;
+  static constexpr int64_t kGates = 4;
+  static constexpr const char* kName = "LSTM";
+  static Fwd::primitive_desc Forward(dnnl::prop_kind prop, Direction dir, const Layout& l,
+                                     const memory::desc& w_i, const memory::desc& w_h,
+                                     const dnnl::primitive_attr& attr) {
+    return {Engine(), prop, dir, l.x, l.state, l.state, w_i, w_h, l.bias,
+            l.y, l.state, l.state, attr};
+  }
+  static Bwd::primitive_desc Backward(Direction dir, const Layout& l, const memory::desc& w_i,
+                                      const memory::desc& w_h, const Fwd::primitive_desc& hint,
+                                      const dnnl::primitive_attr& attr) {
+    return {Engine(), dnnl::prop_kind::backward, dir, l.x, l.state, l.state, w_i, w_h, l.bias,
+            l.y, l.state, l.state, l.x, l.state, l.state, w_i, w_h, l.bias, l.y, l.state, l.state,
+            hint, attr};
+  }
+};
+
+struct GruCell {
+  using Fwd = dnnl::lbr_gru_forward;
+  using Bwd = dnnl::lbr_gru_backward;
+  static constexpr int64_t kGates = 3;
+  static constexpr const char* kName = "GRU";
+  static Fwd::primitive_desc Forward(dnnl::prop_kind prop, Direction dir, const Layout& l,
+                                     const memory::desc& w_i, const memory::desc& w_h,
+                                     const dnnl::primitive_attr& attr) {
+    return {Engine(), prop, dir, l.x, l.state, w_i, w_h, l.bias, l.y, l.state, attr};
+  }
+  static Bwd::primitive_desc Backward(Direction dir, const Layout& l, const memory::desc& w_i,
+                                      const memory::desc& w_h, const Fwd::primitive_desc& hint,
+                                      const dnnl::primitive_attr& attr) {
+    return {Engine(), dnnl::prop_kind::backward, dir, l.x, l.state, w_i, w_h, l.bias, l.y,
+            l.state, l.x, l.state, w_i, w_h, l.bias, l.y, l.state, hint, attr};
+  }
+};
+
+dnnl::reorder Reorder(const memory::desc& from, const memory::desc& to) {
+  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+}
+
+enum PlanKind { kInference = 0, kTraining = 1, kBackward = 2 };
+
+// The primitives for one cell, shape, direction and kind, made once (oneDNN generates their
+// code): the forward (inference or training), and for kBackward also the backward, with the
+// reorders between our weights and their packed ones.
+template <class Cell>
+struct Plan {
+  Layout layout;
+  typename Cell::Fwd::primitive_desc fwd_pd;
+  typename Cell::Fwd fwd;
+  dnnl::reorder fwd_w_i, fwd_w_h;
+  typename Cell::Bwd::primitive_desc bwd_pd;
+  typename Cell::Bwd bwd;
+  dnnl::reorder bwd_w_i, bwd_w_h, out_dw_i, out_dw_h;
+
+  Plan(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, PlanKind kind)
+      : layout(B, T, I, H, Cell::kGates) {
+    const auto dir =
+        reverse ? Direction::unidirectional_right2left : Direction::unidirectional_left2right;
     const memory::desc any_i(layout.w_i.get_dims(), kF32, Tag::any);
     const memory::desc any_h(layout.w_h.get_dims(), kF32, Tag::any);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per-thread buffers: see Run
-    const auto& l = layout;
-    fwd_pd = dnnl::lstm_forward::primitive_desc(
-        Engine(), kind == kInference ? dnnl::prop_kind::forward_inference
-                                     : dnnl::prop_kind::forward_training,
-        direction, l.x, l.state, l.state, any_i, any_h, l.bias, l.y, l.state, l.state, attr);
-    fwd = dnnl::lstm_forward(fwd_pd);
-    fwd_w_i = dnnl::reorder(Reorder(l.w_i, fwd_pd.weights_layer_desc()));
-    fwd_w_h = dnnl::reorder(Reorder(l.w_h, fwd_pd.weights_iter_desc()));
+    const auto prop = kind == kInference ? dnnl::prop_kind::forward_inference
+                                         : dnnl::prop_kind::forward_training;
+    fwd_pd = Cell::Forward(prop, dir, layout, any_i, any_h, attr);
+    fwd = typename Cell::Fwd(fwd_pd);
+    fwd_w_i = Reorder(layout.w_i, fwd_pd.weights_layer_desc());
+    fwd_w_h = Reorder(layout.w_h, fwd_pd.weights_iter_desc());
     if (kind == kBackward) {
-      backward = true;
-      bwd_pd = dnnl::lstm_backward::primitive_desc(
-          Engine(), dnnl::prop_kind::backward, direction, l.x, l.state, l.state, any_i, any_h,
-          l.bias, l.y, l.state, l.state, l.x, l.state, l.state, any_i, any_h, l.bias, l.y,
-          l.state, l.state, fwd_pd, attr);
-      bwd = dnnl::lstm_backward(bwd_pd);
-      bwd_w_i = dnnl::reorder(Reorder(l.w_i, bwd_pd.weights_layer_desc()));
-      bwd_w_h = dnnl::reorder(Reorder(l.w_h, bwd_pd.weights_iter_desc()));
-      out_dw_i = dnnl::reorder(Reorder(bwd_pd.diff_weights_layer_desc(), l.w_i));
-      out_dw_h = dnnl::reorder(Reorder(bwd_pd.diff_weights_iter_desc(), l.w_h));
+      bwd_pd = Cell::Backward(dir, layout, any_i, any_h, fwd_pd, attr);
+      bwd = typename Cell::Bwd(bwd_pd);
+      bwd_w_i = Reorder(layout.w_i, bwd_pd.weights_layer_desc());
+      bwd_w_h = Reorder(layout.w_h, bwd_pd.weights_iter_desc());
+      out_dw_i = Reorder(bwd_pd.diff_weights_layer_desc(), layout.w_i);
+      out_dw_h = Reorder(bwd_pd.diff_weights_iter_desc(), layout.w_h);
     }
-  }
-
-  enum { kInference = 0, kTraining = 1, kBackward = 2 };
-
-  static dnnl::reorder::primitive_desc Reorder(const memory::desc& from, const memory::desc& to) {
-    return dnnl::reorder::primitive_desc(Engine(), from, Engine(), to);
   }
 };
 
-LstmPlan& Plan(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, int kind) {
+template <class Cell>
+Plan<Cell>& GetPlan(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, PlanKind kind) {
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int>,
-                  std::unique_ptr<LstmPlan>>
+                  std::unique_ptr<Plan<Cell>>>
       plans;
   std::lock_guard<std::mutex> lock(mutex);
   auto& plan = plans[{B, T, I, H, reverse, kind}];
-  if (!plan) plan = std::make_unique<LstmPlan>(B, T, I, H, reverse, kind);
+  if (!plan) plan = std::make_unique<Plan<Cell>>(B, T, I, H, reverse, kind);
   return *plan;
 }
 
@@ -283,123 +319,207 @@ memory Wrap(const memory::desc& md, const void* data) {
 
 size_t Floats(const memory::desc& md) { return (md.get_size() + sizeof(float) - 1) / sizeof(float); }
 
-// One execution on this thread's stream; packed weights and the scratchpad live in this
-// thread's Work buffers (slots 4-8), so concurrent calls from XLA's threads share nothing.
-void Run(const dnnl::primitive& prim, std::unordered_map<int, memory> args) {
+// Executions on this thread's stream. Packed weights, the scratchpad and the GRU's permuted
+// copies live in this thread's Work buffers (slots 4-11), so concurrent calls from XLA's
+// threads share nothing.
+dnnl::stream& Stream() {
   thread_local dnnl::stream stream(Engine());
-  prim.execute(stream, args);
-  stream.wait();
+  return stream;
 }
 
-void Convert(const dnnl::reorder& r, const memory& from, const memory& to) {
-  thread_local dnnl::stream stream(Engine());
-  r.execute(stream, const_cast<memory&>(from), const_cast<memory&>(to));
-  stream.wait();
+void Run(const dnnl::primitive& prim, const std::unordered_map<int, memory>& args) {
+  prim.execute(Stream(), args);
+  Stream().wait();
 }
 
-ffi::Error DnnlError(const char* where, const std::exception& e) {
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    std::string("rnnjax native LSTM (oneDNN ") + where + "): " + e.what());
+void Convert(const dnnl::reorder& r, memory from, memory to) {
+  r.execute(Stream(), from, to);
+  Stream().wait();
+}
+
+// The GRU's gate order: rnnjax's (r, z, n) columns of a (rows, 3H) matrix to oneDNN's (u = z,
+// r, o = n), and back.
+void GatesToDnnl(const float* ours, int64_t rows, int64_t H, float* theirs) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* from = ours + k * 3 * H;
+    float* to = theirs + k * 3 * H;
+    std::memcpy(to, from + H, sizeof(float) * H);
+    std::memcpy(to + H, from, sizeof(float) * H);
+    std::memcpy(to + 2 * H, from + 2 * H, sizeof(float) * H);
+  }
+}
+
+void GatesFromDnnl(const float* theirs, int64_t rows, int64_t H, float* ours) {
+  GatesToDnnl(theirs, rows, H, ours);  // swapping the first two gates is its own inverse
+}
+
+// Our weights as the primitive takes them: the arrays themselves for the LSTM, permuted copies
+// (Work slots 9, 10, 11) for the GRU, whose two bias vectors become oneDNN's four.
+struct DnnlWeights {
+  const float* w_i;
+  const float* w_h;
+  const float* bias;
+};
+
+DnnlWeights ToDnnl(const LstmCell&, int64_t, int64_t, const float* w_i, const float* w_h,
+                   const float* b, const float*) {
+  return {w_i, w_h, b};
+}
+
+DnnlWeights ToDnnl(const GruCell&, int64_t I, int64_t H, const float* w_i, const float* w_h,
+                   const float* b_i, const float* b_h) {
+  Work wi(9, I * 3 * H), wh(10, H * 3 * H), bias(11, 4 * H);
+  GatesToDnnl(w_i, I, H, wi.data());
+  GatesToDnnl(w_h, H, H, wh.data());
+  float* b = bias.data();
+  for (int64_t j = 0; j < H; ++j) {
+    b[j] = b_i[H + j] + b_h[H + j];  // u: the update gate z
+    b[H + j] = b_i[j] + b_h[j];      // r
+    b[2 * H + j] = b_i[2 * H + j];   // o: n's input side
+    b[3 * H + j] = b_h[2 * H + j];   // n's recurrent side, inside r * (.)
+  }
+  return {wi.data(), wh.data(), b};
+}
+
+ffi::Error DnnlError(const char* cell, const char* where, const std::exception& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("rnnjax native ") + cell +
+                                                   " (oneDNN " + where + "): " + e.what());
 }
 
 // Bytes of oneDNN's training workspace for this shape (the dense `res`), or -1 on failure.
-int64_t DnnlLstmWorkspaceBytes(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse) {
+template <class Cell>
+int64_t WorkspaceBytes(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse) {
   try {
     return static_cast<int64_t>(
-        Plan(B, T, I, H, reverse, LstmPlan::kTraining).fwd_pd.workspace_desc().get_size());
+        GetPlan<Cell>(B, T, I, H, reverse, kTraining).fwd_pd.workspace_desc().get_size());
   } catch (const std::exception&) {
     return -1;
   }
 }
 
-ffi::Error DnnlLstmForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, bool save,
-                           const float* x, const float* w_i, const float* bias,
-                           const float* w_h, const float* h0, const float* c0, float* ys,
-                           float* h_last, float* c_last, float* res, size_t res_bytes) {
+// The dense forward pass. c0 and c_last are the LSTM's cell state (null for the GRU); b_h is
+// the GRU's second bias (null for the LSTM).
+template <class Cell>
+ffi::Error DnnlForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse, bool save,
+                       const float* x, const float* w_i, const float* b, const float* w_h,
+                       const float* b_h, const float* h0, const float* c0, float* ys,
+                       float* h_last, float* c_last, float* res, size_t res_bytes) {
   try {
-    LstmPlan& p = Plan(B, T, I, H, reverse, save ? LstmPlan::kTraining : LstmPlan::kInference);
+    Plan<Cell>& p = GetPlan<Cell>(B, T, I, H, reverse, save ? kTraining : kInference);
     const auto& pd = p.fwd_pd;
+    const auto& l = p.layout;
     if (save && pd.workspace_desc().get_size() > res_bytes) {
       return ffi::Error(ffi::ErrorCode::kInternal,
-                        "rnnjax native LSTM: oneDNN's workspace outgrew the saved array");
+                        "rnnjax native kernels: oneDNN's workspace outgrew the saved array");
     }
+    const DnnlWeights w = ToDnnl(Cell(), I, H, w_i, w_h, b, b_h);
     Work wi(4, Floats(pd.weights_layer_desc())), wh(5, Floats(pd.weights_iter_desc()));
     Work pad(6, Floats(pd.scratchpad_desc()));
-    memory packed_i(pd.weights_layer_desc(), Engine(), wi.data());
-    memory packed_h(pd.weights_iter_desc(), Engine(), wh.data());
-    Convert(p.fwd_w_i, Wrap(p.layout.w_i, w_i), packed_i);
-    Convert(p.fwd_w_h, Wrap(p.layout.w_h, w_h), packed_h);
-    const auto& l = p.layout;
+    memory packed_i = Wrap(pd.weights_layer_desc(), wi.data());
+    memory packed_h = Wrap(pd.weights_iter_desc(), wh.data());
+    Convert(p.fwd_w_i, Wrap(l.w_i, w.w_i), packed_i);
+    Convert(p.fwd_w_h, Wrap(l.w_h, w.w_h), packed_h);
     std::unordered_map<int, memory> args = {
         {DNNL_ARG_SRC_LAYER, Wrap(l.x, x)},
         {DNNL_ARG_SRC_ITER, Wrap(l.state, h0)},
-        {DNNL_ARG_SRC_ITER_C, Wrap(l.state, c0)},
         {DNNL_ARG_WEIGHTS_LAYER, packed_i},
         {DNNL_ARG_WEIGHTS_ITER, packed_h},
-        {DNNL_ARG_BIAS, Wrap(l.bias, bias)},
+        {DNNL_ARG_BIAS, Wrap(l.bias, w.bias)},
         {DNNL_ARG_DST_LAYER, Wrap(l.y, ys)},
         {DNNL_ARG_DST_ITER, Wrap(l.state, h_last)},
-        {DNNL_ARG_DST_ITER_C, Wrap(l.state, c_last)},
         {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), pad.data())},
     };
+    if (c0 != nullptr) {
+      args[DNNL_ARG_SRC_ITER_C] = Wrap(l.state, c0);
+      args[DNNL_ARG_DST_ITER_C] = Wrap(l.state, c_last);
+    }
     if (save) args[DNNL_ARG_WORKSPACE] = Wrap(pd.workspace_desc(), res);
-    Run(p.fwd, std::move(args));
+    Run(p.fwd, args);
   } catch (const std::exception& e) {
-    return DnnlError("forward", e);
+    return DnnlError(Cell::kName, "forward", e);
   }
   return ffi::Error::Success();
 }
 
-ffi::Error DnnlLstmBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
-                            const float* gys, const float* gh_last, const float* gc_last,
-                            const float* x, const float* w_i, const float* bias,
-                            const float* w_h, const float* h0, const float* c0,
-                            const float* ys, const float* h_last, const float* c_last,
-                            const float* res, float* gx, float* gw_i, float* gb, float* gw_h,
-                            float* gh0, float* gc0) {
+// Where the dense backward pass puts the gradients (gc0 null for the GRU, gb_h null for the
+// LSTM), and the cotangents it starts from (gc_last null for the GRU).
+struct DnnlGrads {
+  float *gx, *gw_i, *gb, *gw_h, *gb_h, *gh0, *gc0;
+};
+
+template <class Cell>
+ffi::Error DnnlBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
+                        const float* gys, const float* gh_last, const float* gc_last,
+                        const float* x, const float* w_i, const float* b, const float* w_h,
+                        const float* b_h, const float* h0, const float* c0, const float* ys,
+                        const float* h_last, const float* c_last, const float* res,
+                        const DnnlGrads& g) {
   try {
-    LstmPlan& p = Plan(B, T, I, H, reverse, LstmPlan::kBackward);
+    Plan<Cell>& p = GetPlan<Cell>(B, T, I, H, reverse, kBackward);
     const auto& pd = p.bwd_pd;
     const auto& l = p.layout;
+    constexpr int64_t G = Cell::kGates;
+    constexpr bool kGru = G == 3;
+    const DnnlWeights w = ToDnnl(Cell(), I, H, w_i, w_h, b, b_h);
     Work wi(4, Floats(pd.weights_layer_desc())), wh(5, Floats(pd.weights_iter_desc()));
     Work pad(6, Floats(pd.scratchpad_desc()));
     Work dwi(7, Floats(pd.diff_weights_layer_desc())), dwh(8, Floats(pd.diff_weights_iter_desc()));
-    memory packed_i(pd.weights_layer_desc(), Engine(), wi.data());
-    memory packed_h(pd.weights_iter_desc(), Engine(), wh.data());
-    memory packed_di(pd.diff_weights_layer_desc(), Engine(), dwi.data());
-    memory packed_dh(pd.diff_weights_iter_desc(), Engine(), dwh.data());
-    Convert(p.bwd_w_i, Wrap(l.w_i, w_i), packed_i);
-    Convert(p.bwd_w_h, Wrap(l.w_h, w_h), packed_h);
-    // oneDNN adds the weight and bias gradients into these.
+    memory packed_i = Wrap(pd.weights_layer_desc(), wi.data());
+    memory packed_h = Wrap(pd.weights_iter_desc(), wh.data());
+    memory packed_di = Wrap(pd.diff_weights_layer_desc(), dwi.data());
+    memory packed_dh = Wrap(pd.diff_weights_iter_desc(), dwh.data());
+    Convert(p.bwd_w_i, Wrap(l.w_i, w.w_i), packed_i);
+    Convert(p.bwd_w_h, Wrap(l.w_h, w.w_h), packed_h);
+    // oneDNN adds the weight and bias gradients into these. The GRU's come back in oneDNN's
+    // gate order, in Work slots 9-11 (free again: the permuted weights are packed by now).
+    Work dbias(11, 4 * H);
+    float* db = kGru ? dbias.data() : g.gb;
     std::memset(dwi.data(), 0, pd.diff_weights_layer_desc().get_size());
     std::memset(dwh.data(), 0, pd.diff_weights_iter_desc().get_size());
-    std::memset(gb, 0, sizeof(float) * 4 * H);
-    Run(p.bwd, {
-                   {DNNL_ARG_SRC_LAYER, Wrap(l.x, x)},
-                   {DNNL_ARG_SRC_ITER, Wrap(l.state, h0)},
-                   {DNNL_ARG_SRC_ITER_C, Wrap(l.state, c0)},
-                   {DNNL_ARG_WEIGHTS_LAYER, packed_i},
-                   {DNNL_ARG_WEIGHTS_ITER, packed_h},
-                   {DNNL_ARG_BIAS, Wrap(l.bias, bias)},
-                   {DNNL_ARG_DST_LAYER, Wrap(l.y, ys)},
-                   {DNNL_ARG_DST_ITER, Wrap(l.state, h_last)},
-                   {DNNL_ARG_DST_ITER_C, Wrap(l.state, c_last)},
-                   {DNNL_ARG_DIFF_SRC_LAYER, Wrap(l.x, gx)},
-                   {DNNL_ARG_DIFF_SRC_ITER, Wrap(l.state, gh0)},
-                   {DNNL_ARG_DIFF_SRC_ITER_C, Wrap(l.state, gc0)},
-                   {DNNL_ARG_DIFF_WEIGHTS_LAYER, packed_di},
-                   {DNNL_ARG_DIFF_WEIGHTS_ITER, packed_dh},
-                   {DNNL_ARG_DIFF_BIAS, Wrap(l.bias, gb)},
-                   {DNNL_ARG_DIFF_DST_LAYER, Wrap(l.y, gys)},
-                   {DNNL_ARG_DIFF_DST_ITER, Wrap(l.state, gh_last)},
-                   {DNNL_ARG_DIFF_DST_ITER_C, Wrap(l.state, gc_last)},
-                   {DNNL_ARG_WORKSPACE, Wrap(p.fwd_pd.workspace_desc(), res)},
-                   {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), pad.data())},
-               });
-    Convert(p.out_dw_i, packed_di, Wrap(l.w_i, gw_i));
-    Convert(p.out_dw_h, packed_dh, Wrap(l.w_h, gw_h));
+    std::memset(db, 0, sizeof(float) * 4 * H);
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC_LAYER, Wrap(l.x, x)},
+        {DNNL_ARG_SRC_ITER, Wrap(l.state, h0)},
+        {DNNL_ARG_WEIGHTS_LAYER, packed_i},
+        {DNNL_ARG_WEIGHTS_ITER, packed_h},
+        {DNNL_ARG_BIAS, Wrap(l.bias, w.bias)},
+        {DNNL_ARG_DST_LAYER, Wrap(l.y, ys)},
+        {DNNL_ARG_DST_ITER, Wrap(l.state, h_last)},
+        {DNNL_ARG_DIFF_SRC_LAYER, Wrap(l.x, g.gx)},
+        {DNNL_ARG_DIFF_SRC_ITER, Wrap(l.state, g.gh0)},
+        {DNNL_ARG_DIFF_WEIGHTS_LAYER, packed_di},
+        {DNNL_ARG_DIFF_WEIGHTS_ITER, packed_dh},
+        {DNNL_ARG_DIFF_BIAS, Wrap(l.bias, db)},
+        {DNNL_ARG_DIFF_DST_LAYER, Wrap(l.y, gys)},
+        {DNNL_ARG_DIFF_DST_ITER, Wrap(l.state, gh_last)},
+        {DNNL_ARG_WORKSPACE, Wrap(p.fwd_pd.workspace_desc(), res)},
+        {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), pad.data())},
+    };
+    if (c0 != nullptr) {
+      args[DNNL_ARG_SRC_ITER_C] = Wrap(l.state, c0);
+      args[DNNL_ARG_DST_ITER_C] = Wrap(l.state, c_last);
+      args[DNNL_ARG_DIFF_SRC_ITER_C] = Wrap(l.state, g.gc0);
+      args[DNNL_ARG_DIFF_DST_ITER_C] = Wrap(l.state, gc_last);
+    }
+    Run(p.bwd, args);
+    if (!kGru) {
+      Convert(p.out_dw_i, packed_di, Wrap(l.w_i, g.gw_i));
+      Convert(p.out_dw_h, packed_dh, Wrap(l.w_h, g.gw_h));
+      return ffi::Error::Success();
+    }
+    Work plain_i(9, I * G * H), plain_h(10, H * G * H);
+    Convert(p.out_dw_i, packed_di, Wrap(l.w_i, plain_i.data()));
+    Convert(p.out_dw_h, packed_dh, Wrap(l.w_h, plain_h.data()));
+    GatesFromDnnl(plain_i.data(), I, H, g.gw_i);
+    GatesFromDnnl(plain_h.data(), H, H, g.gw_h);
+    for (int64_t j = 0; j < H; ++j) {
+      g.gb[j] = g.gb_h[j] = db[H + j];          // r
+      g.gb[H + j] = g.gb_h[H + j] = db[j];      // z (u)
+      g.gb[2 * H + j] = db[2 * H + j];          // n, input side
+      g.gb_h[2 * H + j] = db[3 * H + j];        // n, recurrent side
+    }
   } catch (const std::exception& e) {
-    return DnnlError("backward", e);
+    return DnnlError(Cell::kName, "backward", e);
   }
   return ffi::Error::Success();
 }
@@ -424,10 +544,10 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const int64_t I = xd[2], K = I + H;
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
-    return DnnlLstmForward(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
-                           bias.typed_data(), w_h.typed_data(), h0.typed_data(), c0.typed_data(),
-                           ys->typed_data(), h_last->typed_data(), c_last->typed_data(),
-                           res->typed_data(), res->size_bytes());
+    return DnnlForward<LstmCell>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
+                                 bias.typed_data(), w_h.typed_data(), nullptr, h0.typed_data(),
+                                 c0.typed_data(), ys->typed_data(), h_last->typed_data(),
+                                 c_last->typed_data(), res->typed_data(), res->size_bytes());
 #else
     return NoDnnl();
 #endif
@@ -506,13 +626,15 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
 #ifdef RNNJAX_WITH_DNNL
     Dims d;
     if (auto err = CheckDims(ys.dimensions(), 1, w_h, &d); err.failure()) return err;
-    return DnnlLstmBackward(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
-                            gys.typed_data(), gh_last.typed_data(), gc_last.typed_data(),
-                            x.typed_data(), w_i.typed_data(), bias.typed_data(),
-                            w_h.typed_data(), h0.typed_data(), c0.typed_data(), ys.typed_data(),
-                            h_last.typed_data(), c_last.typed_data(), res.typed_data(),
-                            gx->typed_data(), gw_i->typed_data(), gb->typed_data(),
-                            gw_h->typed_data(), gh0->typed_data(), gc0->typed_data());
+    const DnnlGrads g{gx->typed_data(),  gw_i->typed_data(), gb->typed_data(),
+                      gw_h->typed_data(), nullptr,            gh0->typed_data(),
+                      gc0->typed_data()};
+    return DnnlBackward<LstmCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
+                                  gys.typed_data(), gh_last.typed_data(), gc_last.typed_data(),
+                                  x.typed_data(), w_i.typed_data(), bias.typed_data(),
+                                  w_h.typed_data(), nullptr, h0.typed_data(), c0.typed_data(),
+                                  ys.typed_data(), h_last.typed_data(), c_last.typed_data(),
+                                  res.typed_data(), g);
 #else
     return NoDnnl();
 #endif
@@ -590,7 +712,19 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                           ffi::Buffer<ffi::PRED> mask, bool reverse, bool save, bool dense,
                           ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
                           ffi::ResultBuffer<ffi::F32> h_prev, ffi::ResultBuffer<ffi::F32> res) {
-  if (dense) return NoDenseGru();
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    Dims d;
+    if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
+    return DnnlForward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse, save,
+                                x.typed_data(), w_i.typed_data(), b_i.typed_data(),
+                                w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
+                                ys->typed_data(), h_last->typed_data(), nullptr,
+                                res->typed_data(), res->size_bytes());
+#else
+    return NoDnnl();
+#endif
+  }
   Dims d;
   if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
@@ -668,7 +802,23 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
                            ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw_i,
                            ffi::ResultBuffer<ffi::F32> gb_i, ffi::ResultBuffer<ffi::F32> gw_h,
                            ffi::ResultBuffer<ffi::F32> gb_h, ffi::ResultBuffer<ffi::F32> gh0) {
-  if (dense) return NoDenseGru();
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    Dims d;
+    if (auto err = CheckDims(ys.dimensions(), 1, w_h, &d, 3); err.failure()) return err;
+    const DnnlGrads g{gx->typed_data(),   gw_i->typed_data(), gb_i->typed_data(),
+                      gw_h->typed_data(), gb_h->typed_data(), gh0->typed_data(),
+                      nullptr};
+    return DnnlBackward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
+                                 gys.typed_data(), gh_last.typed_data(), nullptr,
+                                 x.typed_data(), w_i.typed_data(), b_i.typed_data(),
+                                 w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
+                                 ys.typed_data(), h_last.typed_data(), nullptr, res.typed_data(),
+                                 g);
+#else
+    return NoDnnl();
+#endif
+  }
   Dims d;
   if (auto err = CheckDims(res.dimensions(), 4, w_h, &d, 3); err.failure()) return err;
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
@@ -844,12 +994,13 @@ __attribute__((visibility("default"))) int rnnjax_has_onednn() {
 #endif
 }
 
-// Bytes of the dense LSTM's saved workspace for a (B, T, I) input and H units; -1 without
-// oneDNN or on failure.
-__attribute__((visibility("default"))) int64_t rnnjax_lstm_workspace_bytes(
-    int64_t B, int64_t T, int64_t I, int64_t H, int reverse) {
+// Bytes of a dense LSTM's (gru = 0) or GRU's (gru = 1) saved workspace for a (B, T, I) input
+// and H units; -1 without oneDNN or on failure.
+__attribute__((visibility("default"))) int64_t rnnjax_workspace_bytes(
+    int gru, int64_t B, int64_t T, int64_t I, int64_t H, int reverse) {
 #ifdef RNNJAX_WITH_DNNL
-  return DnnlLstmWorkspaceBytes(B, T, I, H, reverse != 0);
+  return gru ? WorkspaceBytes<GruCell>(B, T, I, H, reverse != 0)
+             : WorkspaceBytes<LstmCell>(B, T, I, H, reverse != 0);
 #else
   return -1;
 #endif

@@ -47,11 +47,11 @@ def _time_major(*arrays):
     return tuple(jnp.swapaxes(x, 0, 1) for x in arrays)
 
 
-def _dense_workspace(x, w_h, reverse):
+def _dense_workspace(cell, x, w_h, reverse):
     """The dense (oneDNN) mode's saved array: ``(B, W)``, room for oneDNN's workspace. The
     references leave it zero and recompute what they need from the inputs."""
     steps, size = x.shape[1], x.shape[2]
-    nbytes = _native.lstm_workspace_bytes(steps, size, w_h.shape[0], bool(reverse))
+    nbytes = _native.workspace_bytes(cell, steps, size, w_h.shape[0], bool(reverse))
     return jnp.zeros((x.shape[0], -(-nbytes // 4)), x.dtype)
 
 
@@ -79,7 +79,7 @@ def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense
     if not save or dense:
         h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
     if save and dense:
-        res = _dense_workspace(x, w_h, reverse)
+        res = _dense_workspace("lstm", x, w_h, reverse)
     return ys, h, c, h_prev, res
 
 
@@ -182,15 +182,26 @@ def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True
 
     h, (ys, h_prev, res) = lax.scan(body, h0, _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    if not save:
+    if not save or dense:
         h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
+    if save and dense:
+        res = _dense_workspace("gru", x, w_h, reverse)
     return ys, h, h_prev, res
+
+
+def _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, *, reverse, dense):
+    """``(h_prev, res)`` as the GRU references use them: in dense mode, recomputed."""
+    if dense:
+        return gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, reverse=reverse)[2:]
+    return h_prev, res
 
 
 def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h, h0, mask, ys, h,
                           h_prev, res, *, reverse, dense=False):  # fmt: skip
-    """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``.
-    (The GRU has no dense mode: ``dense`` is always False.)"""
+    """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``."""
+    h_prev, res = _gru_saved(
+        x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse, dense=dense
+    )
     dgi = dx @ w_i + x @ dw_i + db_i
     dgh_w = h_prev @ dw_h + db_h
 
@@ -215,6 +226,9 @@ def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h
 def gru_backward_reference(gys, gh_last, x, w_i, b_i, w_h, b_h, h0, mask, ys, h, h_prev, res, *,
                            reverse, need_dx, dense=False):  # fmt: skip
     """The transpose of :func:`gru_tangent_reference`: ``(gx, gW_i, gb_i, gW_h, gb_h, gh0)``."""
+    h_prev, res = _gru_saved(
+        x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse, dense=dense
+    )
 
     def body(gh, inputs):
         gy, hp, r_t, m = inputs
@@ -469,19 +483,17 @@ def _recurrence_jvp(kernels, reverse, dense, primals, tangents):
     return tuple(out[:n]), tuple(tangent_out)
 
 
-def _dense(kernels, xs, w_h, real) -> bool:
-    """Whether this sequence runs in the dense mode: an LSTM with no mask and no empty axis,
-    on kernels built with oneDNN (and ``RNNJAX_ONEDNN`` not 0)."""
-    return (
-        kernels is LSTM and real is None and min(*xs.shape, w_h.shape[0]) > 0 and _native.onednn()
-    )
+def _dense(xs, w_h, real) -> bool:
+    """Whether this sequence runs in the dense mode: no mask and no empty axis, on kernels
+    built with oneDNN (and ``RNNJAX_ONEDNN`` not 0)."""
+    return real is None and min(*xs.shape, w_h.shape[0]) > 0 and _native.onednn()
 
 
 def _run(kernels, weights, xs, state0, real, reverse):
     w_i = weights[0]
     name = kernels.name
     check_step_input(name, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), w_i.shape[0])
-    dense = _dense(kernels, xs, weights[2], real)
+    dense = _dense(xs, weights[2], real)
     mask = jnp.ones(xs.shape[:1], bool) if real is None else real
     args = (xs[None], *weights, *(s[None] for s in state0), mask[None])
     return [o[0] for o in recurrence(kernels, args, bool(reverse), dense)]
