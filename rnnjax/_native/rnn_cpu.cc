@@ -96,7 +96,7 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
 class Work {
  public:
   static constexpr size_t kKeepBytes = size_t{64} << 20;
-  static constexpr int kSlots = 12;
+  static constexpr int kSlots = 13;
 
   Work(int slot, size_t n) {
     n += kAlignFloats;  // room to start on a 64-byte boundary
@@ -320,7 +320,7 @@ memory Wrap(const memory::desc& md, const void* data) {
 size_t Floats(const memory::desc& md) { return (md.get_size() + sizeof(float) - 1) / sizeof(float); }
 
 // Executions on this thread's stream. Packed weights, the scratchpad and the GRU's permuted
-// copies live in this thread's Work buffers (slots 4-11), so concurrent calls from XLA's
+// copies live in this thread's Work buffers (slots 4-12), so concurrent calls from XLA's
 // threads share nothing.
 dnnl::stream& Stream() {
   thread_local dnnl::stream stream(Engine());
@@ -471,8 +471,9 @@ ffi::Error DnnlBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse
     Convert(p.bwd_w_i, Wrap(l.w_i, w.w_i), packed_i);
     Convert(p.bwd_w_h, Wrap(l.w_h, w.w_h), packed_h);
     // oneDNN adds the weight and bias gradients into these. The GRU's come back in oneDNN's
-    // gate order, in Work slots 9-11 (free again: the permuted weights are packed by now).
-    Work dbias(11, 4 * H);
+    // gate order: the bias gradient in slot 12 (slot 11 holds the biases, which the backward
+    // pass reads), the weights' through slots 9-10 (free again once the weights are packed).
+    Work dbias(12, 4 * H);
     float* db = kGru ? dbias.data() : g.gb;
     std::memset(dwi.data(), 0, pd.diff_weights_layer_desc().get_size());
     std::memset(dwh.data(), 0, pd.diff_weights_iter_desc().get_size());
