@@ -2,8 +2,8 @@
 
 Run them with ``rnnjax bench SUITE`` or from Python; every result records the machine
 (:func:`machine_info`), the config and the command, and is written as JSON with a PNG plot.
-The methodology (worker processes, compile limits, interleaved medians) is in
-:mod:`rnnjax.bench._harness`.
+The methodology (worker processes, compile limits, interleaved medians, the untimed settle
+before each sample) is in :mod:`rnnjax.bench._harness`.
 
 Every suite returns (and ``rnnjax bench`` writes as ``OUT/SUITE.json``) one JSON object::
 
@@ -13,8 +13,8 @@ Every suite returns (and ``rnnjax bench`` writes as ``OUT/SUITE.json``) one JSON
     config       every parameter, defaults included
     machine      machine_info(): CPU, cpu_count, backend, devices, package versions, XLA flags
                  and thread settings, date (peers adds torch_threads)
-    methodology  how the numbers were made (timer, warm-up, order, statistic, compile and
-                 memory definitions, compile_timeout_s, reference)
+    methodology  how the numbers were made (timer, warm-up, order, settle and settle_s,
+                 statistic, compile and memory definitions, compile_timeout_s, reference)
     results      one row per measurement (below); peers adds "summary", its fastest candidate
                  per peer against rnnjax
 

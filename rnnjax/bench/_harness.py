@@ -16,6 +16,23 @@ a fresh worker process (``python -m rnnjax.bench._worker``) that
    measured under the same load. Every call ends in ``jax.block_until_ready`` (PyTorch: results
    are synchronous on CPU; ``torch.cuda.synchronize()`` on CUDA). The statistic is the median per
    call over the rounds, with the min and the interquartile range.
+3. settles before each timed sample (and before each calibration call): the program about to be
+   timed runs untimed, at least once and until ``SETTLE_S`` seconds have passed. Thread pools
+   wait for work by spinning before they sleep: OpenBLAS's (the matmuls of rnnjax's native
+   kernels, and NumPy's) for 2**28 TSC cycles, 0.1 s at 2.6 GHz; PyTorch's OpenMP (libgomp)
+   threads for less. Timed right after another library's program, a program shared the cores
+   with that program's spinning threads: on 2 cores, PyTorch's 2 OpenMP threads, which meet at
+   a barrier every time step, ran up to 10x slower (``nn.LSTM`` forward at 32x128x64x256: 12 ms
+   alone in the worker, 107-115 ms right after an rnnjax call, 12 ms after the settle), and
+   rnnjax 10-50% slower right after PyTorch. One settle call is not enough for a program shorter
+   than the spin (the same forward at 16x256x32x64: 2.3 ms alone, 5-7 ms after one call, 2.3 ms
+   after 0.1 s), hence the time. The sample then sees what a loop calling only that program
+   sees, as the 2nd to ``calls_per_sample``-th calls of a sample always did: what is left out is
+   the cost of switching from another library, which a program running on its own does not
+   pay; every cost of the program's own calls stays in the sample. Changing the libraries'
+   threads instead would change the candidates (``OPENBLAS_THREAD_TIMEOUT=4`` or one OpenBLAS
+   thread: rnnjax 1.3-1.6x slower; ``OMP_WAIT_POLICY=passive`` or ``GOMP_SPINCOUNT=0``: PyTorch
+   2.8x slower).
 
 An XLA compile cannot be interrupted inside a process, so the parent reads the worker's JSON
 lines with deadlines: when a program's trace + compile runs past its limit, the parent kills the
@@ -52,6 +69,9 @@ STARTUP_TIMEOUT = 300.0
 RUN_TIMEOUT = 600.0
 MIN_SAMPLE_S = 0.02
 MAX_CALLS_PER_SAMPLE = 10_000
+# Seconds of untimed calls of the same program before each timed sample (at least one call):
+# longer than OpenBLAS's idle threads spin (2**28 TSC cycles: 0.1 s at 2.6 GHz, 0.13 s at 2 GHz).
+SETTLE_S = 0.15
 
 
 class Unavailable(Exception):
@@ -159,21 +179,43 @@ def _sample(run: Callable[[], None], calls: int) -> float:
             gc.enable()
 
 
+def settle(run: Callable[[], None], seconds: float) -> int:
+    """Call ``run`` untimed, at least once and until ``seconds`` have passed; returns the
+    number of calls. Before a timed sample, this lets the threads of the program timed before
+    (another library's, spinning while they wait for work) go to sleep and wakes this
+    program's own, as in a loop that calls only this program.
+
+    >>> settle(lambda: None, 0.0), settle(lambda: time.sleep(0.01), 0.025) >= 2
+    (1, True)
+    """
+    end = time.perf_counter() + seconds
+    calls = 0
+    while calls == 0 or time.perf_counter() < end:
+        run()
+        calls += 1
+    return calls
+
+
 def measure(
     runs: Mapping[Any, Callable[[], None]],
     *,
     repeats: int,
     min_sample_s: float = MIN_SAMPLE_S,
+    settle_s: float = SETTLE_S,
     warmup: bool = True,
     on_round: Callable[[int], None] | None = None,
 ) -> dict[Any, dict[str, Any]]:
     """Time every run interleaved: one warm-up call each (excluded; ``warmup=False`` when the
     caller has made it), a calibration call that sets how many calls make a sample of at least
     ``min_sample_s``, then ``repeats`` rounds that each take one sample of every run in turn.
+    Each calibration call and each sample comes right after :func:`settle` of the same run for
+    ``settle_s`` (untimed; see the module's docstring for why).
     Returns per run :func:`summarize` of the per-call times plus ``samples_s`` and
     ``calls_per_sample``.
 
-    >>> stats = measure({"a": lambda: None, "b": lambda: None}, repeats=3, min_sample_s=1e-4)
+    >>> stats = measure(
+    ...     {"a": lambda: None, "b": lambda: None}, repeats=3, min_sample_s=1e-4, settle_s=1e-3
+    ... )
     >>> sorted(stats), len(stats["a"]["samples_s"]), stats["a"]["time_s"] > 0
     (['a', 'b'], 3, True)
     """
@@ -181,11 +223,13 @@ def measure(
         run()  # first-call allocations and caches
     calls = {}
     for key, run in runs.items():
+        settle(run, settle_s)
         once = _sample(run, 1)
         calls[key] = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_s / max(once, 1e-9))))
     samples: dict[Any, list[float]] = {key: [] for key in runs}
     for index in range(repeats):
         for key, run in runs.items():
+            settle(run, settle_s)
             samples[key].append(_sample(run, calls[key]))
         if on_round is not None:
             on_round(index)
@@ -425,7 +469,14 @@ def _add_ratios(rows: list[dict[str, Any]], reference: str) -> None:
 # ------------------------------------------------------------------------- results
 
 
-def methodology(*, reference: str, repeats: int, min_sample_s: float, compile_timeout: float):
+def methodology(
+    *,
+    reference: str,
+    repeats: int,
+    min_sample_s: float,
+    compile_timeout: float,
+    settle_s: float = SETTLE_S,
+):
     """The description of how the numbers were made, stored in every result."""
     return {
         "timer": "time.perf_counter around calls_per_sample back-to-back calls; each call ends "
@@ -433,6 +484,13 @@ def methodology(*, reference: str, repeats: int, min_sample_s: float, compile_ti
         "warmup": "one call per program before calibration and timing, excluded",
         "order": "interleaved in one worker process: each round times every program once, in "
         "the listed order",
+        "settle": "before each timed sample (and each calibration call) the same program runs "
+        "untimed, at least once and for settle_s: the previous program's thread pools stop "
+        "spinning (OpenBLAS's idle threads spin about 2**28 TSC cycles, ~0.1 s; on 2 cores "
+        "they slowed the next program's OpenMP threads up to 10x) and this program's own are "
+        "awake, as in a loop of this program alone; the cost of switching libraries is "
+        "excluded, every per-call cost of the program is in its sample",
+        "settle_s": settle_s,
         "repeats": repeats,
         "min_sample_s": min_sample_s,
         "statistic": "time_s is the median per-call time over the rounds; min_s, q1_s, q3_s, "

@@ -25,7 +25,10 @@ forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to al
 
 Every candidate initializes its own params with its own defaults; the timed work is the same.
 A peer whose package is not installed is reported as ``"not installed"``. All candidates of one
-shape and cell are timed interleaved in one worker process (see :mod:`rnnjax.bench._harness`).
+shape and cell are timed interleaved in one worker process (see :mod:`rnnjax.bench._harness`),
+each sample right after an untimed settle of the same candidate: without it, PyTorch's forward
+was timed inside the ~0.1 s in which OpenBLAS's threads (rnnjax's kernels' matmuls) still spin
+after an rnnjax call, and measured 2.5-9x its own time on 2 cores.
 """
 
 from __future__ import annotations

@@ -17,6 +17,14 @@ gradients step by step; here each direction of the recurrence is one call. Per c
   of ``backward`` do not apply) run the pure-JAX references instead.
 - Every primitive has a pure-JAX reference (``lax.scan``): its lowering off the CPU, its
   forward-mode rule (so ``jax.jvp`` and second derivatives work) and the tests' oracle.
+- Dense mode: a sequence with no mask (``real is None``: every step real) runs oneDNN's RNN
+  primitives instead of rnnjax's loops when the kernels were built with oneDNN
+  (``rnnjax._native.onednn()``), as PyTorch's CPU LSTM does: the input projection of all steps
+  as one matmul, packed weights, the gates fused into the recurrent matmul, all cores. The
+  forward pass then saves oneDNN's opaque workspace in ``res`` (``(B, W)``, W from
+  :func:`rnnjax._native.workspace_bytes`), which only the kernels read: the references
+  recompute the forward pass instead. Masked sequences (variable lengths) keep rnnjax's loops,
+  which handle masks step by step.
 
 Values and derivatives equal the step-by-step :func:`rnnjax.scan` of ``rj.cells.lstm`` and
 ``rj.cells.gru`` within float32 rounding, and PyTorch's ``nn.LSTM``/``nn.GRU``
