@@ -36,6 +36,22 @@ TOL = 2e-5  # float32: the kernels sum in another order than XLA
 CELLS = {"lstm": rj.cells.lstm, "gru": rj.cells.gru}
 
 
+@pytest.fixture(params=["own", "onednn"])
+def path(request, monkeypatch):
+    """Which kernels run unmasked sequences: rnnjax's loops (the tests' small sizes are below
+    oneDNN's thresholds) or oneDNN's primitives (thresholds lowered to 0)."""
+    if request.param == "own":
+        yield "own"
+        return
+    if not _native.onednn():
+        pytest.skip(f"rnnjax was built without oneDNN here: {_native.unavailable_reason()}")
+    for key in native_kernels.ONEDNN_MIN_UNITS:
+        monkeypatch.setitem(native_kernels.ONEDNN_MIN_UNITS, key, 0)
+    jax.clear_caches()  # no program traced under the other thresholds is reused
+    yield "onednn"
+    jax.clear_caches()
+
+
 def setup(seed=0, name="lstm"):
     cell = CELLS[name](H)
     return cell, *perturbed(cell, B, T, I, seed=seed)
@@ -112,6 +128,13 @@ def test_large_inference_runs_xla_loop_and_training_the_kernels():
     dense = _hlo(unmasked, params, xs)
     assert ("rnnjax_lstm_forward" in dense) == _native.onednn()
     assert_close(jax.jit(unmasked)(params, xs), step)
+    # Training too is large enough for oneDNN (ONEDNN_MIN_UNITS); the small sizes of the other
+    # tests run rnnjax's loops.
+    grad = _hlo(jax.grad(lambda p, x: jnp.sum(unmasked(p, x) ** 2)), params, xs)
+    assert ("dense = true" in grad) == _native.onednn()
+    assert "dense = true" not in _hlo(
+        jax.grad(loss_of(batched_run(setup()[0], "full"))), *setup()[1:]
+    )
 
 
 def test_which_cells_get_the_native_path():
@@ -132,9 +155,13 @@ def test_which_cells_get_the_native_path():
 
 
 @pytest.mark.parametrize(
-    ("name", "mode"), [("lstm", m) for m in MODES] + [("gru", m) for m in MODES]
+    ("name", "mode", "path"),
+    [(n, m, "own") for n in CELLS for m in MODES]
+    # oneDNN runs unmasked sequences only
+    + [(n, m, "onednn") for n in CELLS for m in ("full", "reverse")],
+    indirect=["path"],
 )
-def test_native_equals_step_scan_to_second_order(name, mode):
+def test_native_equals_step_scan_to_second_order(name, mode, path):
     cell, params, xs, carry = setup(name=name)
     args = (params, xs, carry)
     tangent = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape)), args)
@@ -145,7 +172,7 @@ def test_native_equals_step_scan_to_second_order(name, mode):
 
 
 @pytest.mark.parametrize("name", list(CELLS))
-def test_per_example_gradients_and_nested_vmap(name):
+def test_per_example_gradients_and_nested_vmap(name, path):
     """vmap of grad (per-example weight gradients: the kernels' summed weight gradients do not
     apply, the references run) and a vmap of a vmap (folded into one batch)."""
     cell, params, xs, carry = setup(name=name)
@@ -186,18 +213,14 @@ def test_vmap_over_params_falls_back_to_the_references(name):
     assert_close(run(cell), run(cell._replace(sequence=None)))
 
 
-KERNEL_MODES = [("lstm", False), ("gru", False)]
-if _native.onednn():
-    KERNEL_MODES += [("lstm", True), ("gru", True)]
-
-
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize(("name", "dense"), KERNEL_MODES)
-def test_kernels_equal_the_reference_primitives(name, dense, reverse):
+@pytest.mark.parametrize("name", list(CELLS))
+def test_kernels_equal_the_reference_primitives(name, reverse, path):
     """The C++ forward and backward against the pure-JAX references they are tested by
     (the same functions are the lowering off the CPU), and the backward is the transpose of
-    the tangent. ``dense``: the LSTM's oneDNN mode (no mask; its saved workspace is opaque,
-    which the references recompute instead of reading)."""
+    the tangent. On the oneDNN path (no mask) the saved workspace is opaque: the references
+    recompute the forward pass instead of reading it."""
+    dense = path == "onednn"
     kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
     g = 4 if name == "lstm" else 3
     k = iter(jax.random.split(jax.random.key(3), 12))
@@ -209,22 +232,22 @@ def test_kernels_equal_the_reference_primitives(name, dense, reverse):
     state = tuple(jax.random.normal(next(k), (kernels.n_state, B, H)))
     mask = jnp.ones((B, T), bool) if dense else jax.random.uniform(next(k), (B, T)) > 0.3
     args = (x, *weights, *state, mask)
-    modes = {"reverse": reverse, "dense": dense}
-    fwd = jax.jit(lambda *a: kernels.forward.bind(*a, save=True, **modes))
+    fwd = jax.jit(lambda *a: kernels.forward.bind(*a, save=True, reverse=reverse, dense=dense))
     out = tuple(fwd(*args))
-    expected = native_kernels.reference(kernels.forward)(*args, **modes)
+    expected = native_kernels.reference(kernels.forward)(*args, reverse=reverse, dense=dense)
+    assert [o.shape for o in out] == [e.shape for e in expected]
+    assert native_kernels._workspace(out[-1]) == dense  # which residuals were saved
     kept = 1 + kernels.n_state if dense else len(out)  # the workspace is oneDNN's business
     assert_close(out[:kept], tuple(expected)[:kept])
-    assert [o.shape for o in out] == [e.shape for e in expected]
     cts = (jnp.sin(out[0]), *(0.3 * s for s in state))
     rest = (*args, *out)
-    bwd = jax.jit(lambda *a: kernels.backward.bind(*a, need_dx=True, **modes))
+    bwd = jax.jit(lambda *a: kernels.backward.bind(*a, need_dx=True, reverse=reverse))
     got = tuple(bwd(*cts, *rest))
     backward = native_kernels.reference(kernels.backward)
-    assert_close(got, tuple(backward(*cts, *rest, need_dx=True, **modes)))
+    assert_close(got, tuple(backward(*cts, *rest, need_dx=True, reverse=reverse)))
 
     def tangent(*d):
-        return native_kernels.reference(kernels.tangent)(*d, *rest, **modes)
+        return native_kernels.reference(kernels.tangent)(*d, *rest, reverse=reverse)
 
     transpose = jax.linear_transpose(tangent, x, *weights, *state)
     assert_close(got, tuple(transpose(cts)))

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -89,25 +90,29 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
   }
 }
 
-// A kernel's working array. Up to kKeepBytes it is a per-thread buffer kept between calls (a
-// fresh large allocation is a fresh mmap, and touching it costs a page fault per 4 KiB:
-// measured as ~25% of a forward pass); above that it is allocated for the call and freed after
-// it, so a large run does not leave gigabytes behind.
+// A kernel's working array, not initialized. Up to kKeepBytes it is a per-thread buffer kept
+// between calls (a fresh large allocation is a fresh mmap, and touching it costs a page fault
+// per 4 KiB: measured as ~25% of a forward pass, and oneDNN's LSTM inference scratchpad at
+// 64x64x128x512 is 70 MiB); above that it is allocated for the call and freed after it, so a
+// large run does not leave gigabytes behind.
 class Work {
  public:
-  static constexpr size_t kKeepBytes = size_t{64} << 20;
+  static constexpr size_t kKeepBytes = size_t{256} << 20;
   static constexpr int kSlots = 13;
 
   Work(int slot, size_t n) {
     n += kAlignFloats;  // room to start on a 64-byte boundary
     if (n * sizeof(float) <= kKeepBytes) {
-      thread_local std::vector<float> kept[kSlots];
-      std::vector<float>& v = kept[slot];
-      if (v.size() < n) v.resize(n);
-      data_ = Aligned(v.data());
+      thread_local std::unique_ptr<float[]> kept[kSlots];
+      thread_local size_t kept_size[kSlots] = {};
+      if (kept_size[slot] < n) {
+        kept[slot].reset(new float[n]);
+        kept_size[slot] = n;
+      }
+      data_ = Aligned(kept[slot].get());
     } else {
-      own_.resize(n);
-      data_ = Aligned(own_.data());
+      own_.reset(new float[n]);
+      data_ = Aligned(own_.get());
     }
   }
   float* data() const { return data_; }
@@ -118,7 +123,7 @@ class Work {
     const auto at = reinterpret_cast<uintptr_t>(p);
     return reinterpret_cast<float*>((at + 63) & ~uintptr_t{63});
   }
-  std::vector<float> own_;
+  std::unique_ptr<float[]> own_;
   float* data_ = nullptr;
 };
 
@@ -187,14 +192,65 @@ void WeightGradients(int64_t rows, int64_t K, int64_t G, const float* in, const 
 // four biases are b_iz + b_hz, b_ir + b_hr, b_in, b_hn.
 #ifdef RNNJAX_WITH_DNNL
 }  // namespace
+#include <condition_variable>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 namespace {
+
+// Every oneDNN call runs on this one thread. oneDNN parallelizes with OpenMP, whose runtime
+// keeps a team of worker threads per thread that calls it; XLA calls the kernels from whichever
+// of its threads runs the program, so calls from several threads made several teams, more
+// threads than cores, and libgomp then stops spinning between parallel regions: every time
+// step paid futex wake-ups (an LSTM forward+backward at 16x256x32x64 took 9-115 ms from call to
+// call; oneDNN alone 8.4 ms). With one calling thread there is one team.
+class DnnlThread {
+ public:
+  static ffi::Error Run(const std::function<ffi::Error()>& task) {
+    static DnnlThread* thread = new DnnlThread();  // never destroyed: it runs until exit
+    return thread->Submit(task);
+  }
+
+ private:
+  DnnlThread() { std::thread([this] { Loop(); }).detach(); }
+
+  ffi::Error Submit(const std::function<ffi::Error()>& task) {
+    std::lock_guard<std::mutex> one_at_a_time(submit_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    task_ = &task;
+    done_ = false;
+    wake_.notify_one();
+    finished_.wait(lock, [this] { return done_; });
+    return std::move(result_);
+  }
+
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return task_ != nullptr; });
+      const std::function<ffi::Error()>* task = task_;
+      lock.unlock();
+      ffi::Error result = (*task)();
+      lock.lock();
+      result_ = std::move(result);
+      task_ = nullptr;
+      done_ = true;
+      finished_.notify_all();
+    }
+  }
+
+  std::mutex submit_, mutex_;
+  std::condition_variable wake_, finished_;
+  const std::function<ffi::Error()>* task_ = nullptr;
+  bool done_ = false;
+  ffi::Error result_ = ffi::Error::Success();
+};
 
 using dnnl::memory;
 using Tag = memory::format_tag;
@@ -319,9 +375,8 @@ memory Wrap(const memory::desc& md, const void* data) {
 
 size_t Floats(const memory::desc& md) { return (md.get_size() + sizeof(float) - 1) / sizeof(float); }
 
-// Executions on this thread's stream. Packed weights, the scratchpad and the GRU's permuted
-// copies live in this thread's Work buffers (slots 4-12), so concurrent calls from XLA's
-// threads share nothing.
+// Executions on the oneDNN thread's stream. Packed weights, the scratchpad and the GRU's
+// permuted copies live in its Work buffers (slots 4-12).
 dnnl::stream& Stream() {
   thread_local dnnl::stream stream(Engine());
   return stream;
@@ -389,12 +444,16 @@ ffi::Error DnnlError(const char* cell, const char* where, const std::exception& 
 // Bytes of oneDNN's training workspace for this shape (the dense `res`), or -1 on failure.
 template <class Cell>
 int64_t WorkspaceBytes(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse) {
-  try {
-    return static_cast<int64_t>(
-        GetPlan<Cell>(B, T, I, H, reverse, kTraining).fwd_pd.workspace_desc().get_size());
-  } catch (const std::exception&) {
-    return -1;
-  }
+  int64_t bytes = -1;
+  DnnlThread::Run([&] {
+    try {
+      bytes = static_cast<int64_t>(
+          GetPlan<Cell>(B, T, I, H, reverse, kTraining).fwd_pd.workspace_desc().get_size());
+    } catch (const std::exception&) {
+    }
+    return ffi::Error::Success();
+  });
+  return bytes;
 }
 
 // The dense forward pass. c0 and c_last are the LSTM's cell state (null for the GRU); b_h is
@@ -545,10 +604,12 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const int64_t I = xd[2], K = I + H;
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
-    return DnnlForward<LstmCell>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
-                                 bias.typed_data(), w_h.typed_data(), nullptr, h0.typed_data(),
-                                 c0.typed_data(), ys->typed_data(), h_last->typed_data(),
-                                 c_last->typed_data(), res->typed_data(), res->size_bytes());
+    return DnnlThread::Run([&] {
+      return DnnlForward<LstmCell>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
+                                   bias.typed_data(), w_h.typed_data(), nullptr, h0.typed_data(),
+                                   c0.typed_data(), ys->typed_data(), h_last->typed_data(),
+                                   c_last->typed_data(), res->typed_data(), res->size_bytes());
+    });
 #else
     return NoDnnl();
 #endif
@@ -630,12 +691,14 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
     const DnnlGrads g{gx->typed_data(),  gw_i->typed_data(), gb->typed_data(),
                       gw_h->typed_data(), nullptr,            gh0->typed_data(),
                       gc0->typed_data()};
-    return DnnlBackward<LstmCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
-                                  gys.typed_data(), gh_last.typed_data(), gc_last.typed_data(),
-                                  x.typed_data(), w_i.typed_data(), bias.typed_data(),
-                                  w_h.typed_data(), nullptr, h0.typed_data(), c0.typed_data(),
-                                  ys.typed_data(), h_last.typed_data(), c_last.typed_data(),
-                                  res.typed_data(), g);
+    return DnnlThread::Run([&] {
+      return DnnlBackward<LstmCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
+                                    gys.typed_data(), gh_last.typed_data(), gc_last.typed_data(),
+                                    x.typed_data(), w_i.typed_data(), bias.typed_data(),
+                                    w_h.typed_data(), nullptr, h0.typed_data(), c0.typed_data(),
+                                    ys.typed_data(), h_last.typed_data(), c_last.typed_data(),
+                                    res.typed_data(), g);
+    });
 #else
     return NoDnnl();
 #endif
@@ -717,11 +780,13 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
 #ifdef RNNJAX_WITH_DNNL
     Dims d;
     if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
-    return DnnlForward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse, save,
-                                x.typed_data(), w_i.typed_data(), b_i.typed_data(),
-                                w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
-                                ys->typed_data(), h_last->typed_data(), nullptr,
-                                res->typed_data(), res->size_bytes());
+    return DnnlThread::Run([&] {
+      return DnnlForward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse, save,
+                                  x.typed_data(), w_i.typed_data(), b_i.typed_data(),
+                                  w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
+                                  ys->typed_data(), h_last->typed_data(), nullptr,
+                                  res->typed_data(), res->size_bytes());
+    });
 #else
     return NoDnnl();
 #endif
@@ -810,12 +875,14 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
     const DnnlGrads g{gx->typed_data(),   gw_i->typed_data(), gb_i->typed_data(),
                       gw_h->typed_data(), gb_h->typed_data(), gh0->typed_data(),
                       nullptr};
-    return DnnlBackward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
-                                 gys.typed_data(), gh_last.typed_data(), nullptr,
-                                 x.typed_data(), w_i.typed_data(), b_i.typed_data(),
-                                 w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
-                                 ys.typed_data(), h_last.typed_data(), nullptr, res.typed_data(),
-                                 g);
+    return DnnlThread::Run([&] {
+      return DnnlBackward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
+                                   gys.typed_data(), gh_last.typed_data(), nullptr,
+                                   x.typed_data(), w_i.typed_data(), b_i.typed_data(),
+                                   w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
+                                   ys.typed_data(), h_last.typed_data(), nullptr,
+                                   res.typed_data(), g);
+    });
 #else
     return NoDnnl();
 #endif

@@ -55,9 +55,32 @@ def _time_major(*arrays):
     return tuple(jnp.swapaxes(x, 0, 1) for x in arrays)
 
 
+# oneDNN runs a dense sequence when it has at least this many units per step (batch rows times
+# hidden units), by cell and by whether the pass is differentiated (saves residuals); below,
+# rnnjax's own loops measured faster (per-process A/B, 2-core CPU, BENCHMARKS.md): oneDNN's
+# training primitives pay per-step parallel regions that small steps cannot amortize.
+ONEDNN_MIN_UNITS = {
+    ("lstm", False): 2048,
+    ("lstm", True): 4096,
+    ("gru", False): 2048,
+    ("gru", True): 16384,
+}
+
+
+def uses_onednn(cell: str, batch: int, hidden: int, *, save: bool, dense: bool) -> bool:
+    """Whether a forward pass over ``batch`` rows (vmap axes folded in) runs oneDNN: the
+    sequence is dense (no mask, kernels built with oneDNN) and large enough."""
+    return dense and batch * hidden >= ONEDNN_MIN_UNITS[(cell, save)]
+
+
+def _workspace(res) -> bool:
+    """Whether a saved ``res`` is oneDNN's workspace, ``(B, W)`` (rnnjax's is ``(B, T, .)``)."""
+    return res.ndim == 2 and res.shape[1] > 0
+
+
 def _dense_workspace(cell, x, w_h, reverse):
-    """The dense (oneDNN) mode's saved array: ``(B, W)``, room for oneDNN's workspace. The
-    references leave it zero and recompute what they need from the inputs."""
+    """oneDNN's saved array: ``(B, W)``, room for its workspace. The references leave it zero
+    and recompute what they need from the inputs."""
     steps, size = x.shape[1], x.shape[2]
     nbytes = _native.workspace_bytes(cell, steps, size, w_h.shape[0], bool(reverse))
     return jnp.zeros((x.shape[0], -(-nbytes // 4)), x.dtype)
@@ -65,8 +88,9 @@ def _dense_workspace(cell, x, w_h, reverse):
 
 def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense=False):
     """``(ys, h_last, c_last, h_prev, res)`` of the masked LSTM over ``x (B, T, I)``; without
-    ``save`` (inference) ``h_prev`` and ``res`` are empty, ``(B, 0)``; in dense mode (oneDNN's
-    kernels, no mask) ``h_prev`` is empty and ``res`` holds oneDNN's workspace."""
+    ``save`` (inference) ``h_prev`` and ``res`` are empty, ``(B, 0)``; when oneDNN runs the
+    pass (``dense``: no mask; :func:`uses_onednn`) ``h_prev`` is empty and ``res`` holds its
+    workspace."""
 
     def body(carry, inputs):
         h, c = carry
@@ -84,16 +108,17 @@ def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense
 
     (h, c), (ys, h_prev, res) = lax.scan(body, (h0, c0), _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    if not save or dense:
+    onednn = save and uses_onednn("lstm", x.shape[0], w_h.shape[0], save=save, dense=dense)
+    if not save or onednn:
         h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
-    if save and dense:
+    if onednn:
         res = _dense_workspace("lstm", x, w_h, reverse)
     return ys, h, c, h_prev, res
 
 
-def _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, *, reverse, dense):
-    """``(h_prev, res)`` as the references use them: in dense mode, recomputed."""
-    if dense:
+def _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, *, reverse):
+    """``(h_prev, res)`` as the references use them: recomputed when ``res`` is oneDNN's."""
+    if _workspace(res):
         return forward_reference(x, w_i, b, w_h, h0, c0, mask, reverse=reverse)[3:]
     return h_prev, res
 
@@ -116,10 +141,10 @@ def _gate_tangents(dx, dw_i, db, dw_h, x, w_i, h_prev):
 
 
 def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, b, w_h, h0, c0, mask, ys, h, c,
-                      h_prev, res, *, reverse, dense=False):  # fmt: skip
+                      h_prev, res, *, reverse):  # fmt: skip
     """The recurrence's tangent, linear in ``(dx, dW_i, db, dW_h, dh0, dc0)``, at the forward
     pass whose inputs and outputs follow: ``(dys, dh_last, dc_last)``."""
-    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse, dense=dense)
+    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse)
     dz = _gate_tangents(dx, dw_i, db, dw_h, x, w_i, h_prev)
 
     def body(carry, inputs):
@@ -138,11 +163,11 @@ def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, b, w_h, h0, c0, mask
 
 
 def backward_reference(gys, gh_last, gc_last, x, w_i, b, w_h, h0, c0, mask, ys, h, c, h_prev, res,
-                       *, reverse, need_dx, dense=False):  # fmt: skip
+                       *, reverse, need_dx):  # fmt: skip
     """The transpose of :func:`tangent_reference` (backpropagation through time): the
     cotangents ``(gx, gW_i, gb, gW_h, gh0, gc0)`` from those of ``(ys, h_last, c_last)``.
     ``need_dx=False`` may leave ``gx`` unset (zero here)."""
-    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse, dense=dense)
+    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse)
 
     def body(carry, inputs):
         gh, gc = carry
@@ -190,26 +215,25 @@ def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True
 
     h, (ys, h_prev, res) = lax.scan(body, h0, _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    if not save or dense:
+    onednn = save and uses_onednn("gru", x.shape[0], w_h.shape[0], save=save, dense=dense)
+    if not save or onednn:
         h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
-    if save and dense:
+    if onednn:
         res = _dense_workspace("gru", x, w_h, reverse)
     return ys, h, h_prev, res
 
 
-def _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, *, reverse, dense):
-    """``(h_prev, res)`` as the GRU references use them: in dense mode, recomputed."""
-    if dense:
+def _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, *, reverse):
+    """``(h_prev, res)`` as the GRU references use them: recomputed when ``res`` is oneDNN's."""
+    if _workspace(res):
         return gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, reverse=reverse)[2:]
     return h_prev, res
 
 
 def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h, h0, mask, ys, h,
-                          h_prev, res, *, reverse, dense=False):  # fmt: skip
+                          h_prev, res, *, reverse):  # fmt: skip
     """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``."""
-    h_prev, res = _gru_saved(
-        x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse, dense=dense
-    )
+    h_prev, res = _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse)
     dgi = dx @ w_i + x @ dw_i + db_i
     dgh_w = h_prev @ dw_h + db_h
 
@@ -232,11 +256,9 @@ def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h
 
 
 def gru_backward_reference(gys, gh_last, x, w_i, b_i, w_h, b_h, h0, mask, ys, h, h_prev, res, *,
-                           reverse, need_dx, dense=False):  # fmt: skip
+                           reverse, need_dx):  # fmt: skip
     """The transpose of :func:`gru_tangent_reference`: ``(gx, gW_i, gb_i, gW_h, gb_h, gh0)``."""
-    h_prev, res = _gru_saved(
-        x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse, dense=dense
-    )
+    h_prev, res = _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse)
 
     def body(gh, inputs):
         gy, hp, r_t, m = inputs
@@ -339,8 +361,9 @@ class Kernels(NamedTuple):
     *dstate_last)``, linear in the leading tangents; backward: ``(gys, *gstate_last,
     *forward_inputs, *forward_outputs) -> (gx, *gweights, *gstate0)``, its transpose. ``weights``
     is ``(w_i, b, w_h)`` for the LSTM and ``(w_i, b_i, w_h, b_h)`` for the GRU (``w_h`` third in
-    both); the state is ``(h, c)`` or ``(h,)``. Every primitive takes ``reverse`` and ``dense``
-    (the LSTM's oneDNN mode for unmasked sequences; always False for the GRU).
+    both); the state is ``(h, c)`` or ``(h,)``. Every primitive takes ``reverse``; ``forward``
+    also ``save`` (differentiated: keep residuals) and ``dense`` (no mask: oneDNN may run it,
+    :func:`uses_onednn`); ``tangent`` and ``backward`` know oneDNN's residuals by their shape.
     """
 
     name: str
@@ -372,27 +395,27 @@ def _kernels(name, n_weights, n_state, forward_ref, tangent_ref, backward_ref) -
         n_state,
     )
 
-    def tangent_transpose(cts, *args, reverse, dense):
+    def tangent_transpose(cts, *args, reverse):
         linear, rest = args[:n_tangent], args[n_tangent:]
         if any(ad.is_undefined_primal(a) for a in rest):
             raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
         out = kernels.backward.bind(
             *[ad.instantiate_zeros(ct) for ct in cts], *rest,
-            reverse=reverse, need_dx=ad.is_undefined_primal(linear[0]), dense=dense,
+            reverse=reverse, need_dx=ad.is_undefined_primal(linear[0]),
         )  # fmt: skip
         picked = [
             o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
         ]
         return picked + [None] * len(rest)
 
-    def backward_transpose(cts, *args, reverse, need_dx, dense):
+    def backward_transpose(cts, *args, reverse, need_dx):
         linear, rest = args[: 1 + n_state], args[1 + n_state :]
         if any(ad.is_undefined_primal(a) for a in rest):
             raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
         cts = [ad.instantiate_zeros(ct) for ct in cts]
         if not need_dx:  # gx was not computed: it carries nothing back
             cts[0] = jnp.zeros_like(cts[0])
-        out = kernels.tangent.bind(*cts, *rest, reverse=reverse, dense=dense)
+        out = kernels.tangent.bind(*cts, *rest, reverse=reverse)
         picked = [
             o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
         ]
@@ -414,15 +437,29 @@ GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_ba
 INFERENCE_MAX_UNITS = 16384
 
 
-def _forward_lowering(prim: Primitive):
+def _forward_lowering(cell: str, prim: Primitive):
     native = jax.ffi.ffi_lowering(prim.name)
     loop = mlir.lower_fun(reference(prim), multiple_results=True)
 
     def lowering(ctx, *args, reverse, save, dense):
         batch, hidden = ctx.avals_in[0].shape[0], ctx.avals_in[3].shape[0]
-        large = batch * hidden >= INFERENCE_MAX_UNITS
-        rule = loop if (not save and not dense and large) else native
-        return rule(ctx, *args, reverse=reverse, save=save, dense=dense)
+        if save:  # the abstract evaluation chose, and shaped the residuals accordingly
+            onednn = _workspace(ctx.avals_out[-1])
+        else:
+            onednn = uses_onednn(cell, batch, hidden, save=save, dense=dense)
+        if not save and not onednn and batch * hidden >= INFERENCE_MAX_UNITS:
+            return loop(ctx, *args, reverse=reverse, save=save, dense=dense)
+        return native(ctx, *args, reverse=reverse, save=save, dense=onednn)
+
+    return lowering
+
+
+def _backward_lowering(prim: Primitive):
+    native = jax.ffi.ffi_lowering(prim.name)
+
+    def lowering(ctx, *args, reverse, need_dx):
+        onednn = _workspace(ctx.avals_in[-1])
+        return native(ctx, *args, reverse=reverse, need_dx=need_dx, dense=onednn)
 
     return lowering
 
@@ -430,9 +467,10 @@ def _forward_lowering(prim: Primitive):
 @functools.cache
 def _register_native_lowerings() -> None:
     for kernels in (LSTM, GRU):
-        mlir.register_lowering(kernels.forward, _forward_lowering(kernels.forward), platform="cpu")
+        forward = _forward_lowering(kernels.name, kernels.forward)
+        mlir.register_lowering(kernels.forward, forward, platform="cpu")
         mlir.register_lowering(
-            kernels.backward, jax.ffi.ffi_lowering(kernels.backward.name), platform="cpu"
+            kernels.backward, _backward_lowering(kernels.backward), platform="cpu"
         )
 
 
@@ -477,7 +515,7 @@ def ready() -> bool:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2, 3))
 def recurrence(kernels: Kernels, args: tuple, reverse: bool, dense: bool):
     """``(ys, *state_last)`` of a cell over ``args = (x (B, T, I), *weights, *state0, mask)``;
-    ``dense``: the mask is all True and the LSTM runs on oneDNN."""
+    ``dense``: the mask is all True and oneDNN may run the passes (:func:`uses_onednn`)."""
     out = kernels.forward.bind(*args, reverse=reverse, save=False, dense=dense)
     return tuple(out[: 1 + kernels.n_state])
 
@@ -486,14 +524,14 @@ def recurrence(kernels: Kernels, args: tuple, reverse: bool, dense: bool):
 def _recurrence_jvp(kernels, reverse, dense, primals, tangents):
     (args,), (dargs,) = primals, tangents
     out = kernels.forward.bind(*args, reverse=reverse, save=True, dense=dense)
-    tangent_out = kernels.tangent.bind(*dargs[:-1], *args, *out, reverse=reverse, dense=dense)
+    tangent_out = kernels.tangent.bind(*dargs[:-1], *args, *out, reverse=reverse)
     n = 1 + kernels.n_state
     return tuple(out[:n]), tuple(tangent_out)
 
 
 def _dense(xs, w_h, real) -> bool:
-    """Whether this sequence runs in the dense mode: no mask and no empty axis, on kernels
-    built with oneDNN (and ``RNNJAX_ONEDNN`` not 0)."""
+    """Whether oneDNN may run this sequence: no mask and no empty axis, on kernels built with
+    oneDNN (and ``RNNJAX_ONEDNN`` not 0); :func:`uses_onednn` decides by size."""
     return real is None and min(*xs.shape, w_h.shape[0]) > 0 and _native.onednn()
 
 
