@@ -25,7 +25,9 @@ forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to al
 
 Every candidate initializes its own params with its own defaults; the timed work is the same.
 A peer whose package is not installed is reported as ``"not installed"``. All candidates of one
-shape and cell are timed interleaved in one worker process (see :mod:`rnnjax.bench._harness`),
+shape and cell but PyTorch's are timed interleaved in one worker process (see
+:mod:`rnnjax.bench._harness`); PyTorch's in a worker of its own right after it, its ratios taken
+against that rnnjax time (:data:`OWN_PROCESS` says why),
 each sample right after an untimed settle of the same candidate: without it, PyTorch's forward
 was timed inside the ~0.1 s in which OpenBLAS's threads (rnnjax's kernels' matmuls) still spin
 after an rnnjax call, and measured 2.5-9x its own time on 2 cores.
@@ -57,6 +59,16 @@ class Peer:
     module: str
     cells: dict[str, tuple[str, ...]]
 
+
+# Peers whose module is here time in a worker process of their own, right after the worker that
+# times rnnjax and the JAX peers for the same shape and cell. PyTorch bundles its own
+# libgomp.so.1, and a process loads only one library of that name: in one process PyTorch and
+# oneDNN (rnnjax's native kernels) share one OpenMP runtime, whose two thread teams then
+# outnumber the cores, and libgomp stops spinning at barriers: both ran 2-2.5x slower (LSTM
+# 32x128x64x256: PyTorch forward 28 ms in rnnjax's process, 11-12 ms alone; rnnjax
+# forward+backward 120 ms beside PyTorch, 55 ms without it). Apart, each runs as it would for a
+# user of one library; the rounds of one worker are still interleaved.
+OWN_PROCESS = ("torch",)
 
 PEERS: dict[str, Peer] = {
     "flax-linen": Peer(
@@ -343,45 +355,47 @@ def peers(
         batch, steps, input_size, hidden = shape
         fields = {"shape": "x".join(map(str, shape)), "batch": batch, "T": steps,
                   "input_size": input_size, "hidden": hidden, "cell": None}  # fmt: skip
+        kwargs = {"batch": batch, "T": steps, "input_size": input_size, "hidden": hidden}
         for cell in cells:
-            candidates, missing = [REFERENCE], []
+            here = {**fields, "cell": cell}
+            # PyTorch in a worker of its own, right after rnnjax's (see OWN_PROCESS).
+            together, alone, missing = [REFERENCE], [], []
             for name in names:
                 for candidate in PEERS[name].cells.get(cell, ()):
                     owner[candidate] = name
-                    (candidates if available[name] else missing).append(candidate)
-            here = {**fields, "cell": cell}
-            groups.append(
-                Group(
-                    label=f"{cell} {here['shape']}",
-                    fields=here,
-                    kwargs={
-                        "cell": cell,
-                        "batch": batch,
-                        "T": steps,
-                        "input_size": input_size,
-                        "hidden": hidden,
-                        "candidates": candidates,
-                    },  # fmt: skip
-                    keys=[(c, m) for c in candidates for m in MODES],
-                    extra_rows=[
-                        {
-                            **here,
-                            "candidate": c,
-                            "mode": m,
-                            "status": "not installed",
-                            "error": f"{PEERS[owner[c]].module} is not installed",
-                        }  # fmt: skip
-                        for c in missing
-                        for m in MODES
-                    ],
+                    if not available[name]:
+                        missing.append(candidate)
+                    else:
+                        (alone if PEERS[name].module in OWN_PROCESS else together).append(candidate)
+            for candidates, label in ((together, ""), (alone, " (PyTorch's own worker)")):
+                if not candidates:
+                    continue
+                groups.append(
+                    Group(
+                        label=f"{cell} {here['shape']}{label}",
+                        fields=here,
+                        kwargs={**kwargs, "cell": cell, "candidates": candidates},
+                        keys=[(c, m) for c in candidates for m in MODES],
+                        extra_rows=[
+                            {
+                                **here,
+                                "candidate": c,
+                                "mode": m,
+                                "status": "not installed",
+                                "error": f"{PEERS[owner[c]].module} is not installed",
+                            }  # fmt: skip
+                            for c in (missing if not label else ())
+                            for m in MODES
+                        ],
+                    )
                 )
-            )
     rows, machine = _harness.run_groups(
         f"{__name__}:programs", groups, reference=REFERENCE, repeats=repeats,
         compile_timeout=compile_timeout, min_sample_s=min_sample_s, progress=progress,
         # On a GPU, JAX would take 75% of its memory up front and leave PyTorch too little.
         env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
     )  # fmt: skip
+    _ratios_across_workers(rows)
     for row in rows:
         row["peer"] = owner[row["candidate"]]
         if row["peer"] != REFERENCE and row.get("vs_reference"):
@@ -400,6 +414,20 @@ def peers(
     )  # fmt: skip
     result["summary"] = summary(rows)
     return result
+
+
+def _ratios_across_workers(rows: list[dict[str, Any]]) -> None:
+    """``vs_reference`` for the rows measured in PyTorch's own worker: over rnnjax's time at the
+    same shape, cell and mode, measured in the worker just before."""
+    ref = {
+        (r["shape"], r["cell"], r["mode"]): r.get("time_s")
+        for r in rows
+        if r["candidate"] == REFERENCE and r["status"] == "ok"
+    }
+    for row in rows:
+        if row["status"] == "ok" and row.get("vs_reference") is None:
+            base = ref.get((row["shape"], row["cell"], row["mode"]))
+            row["vs_reference"] = row["time_s"] / base if base else None
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
