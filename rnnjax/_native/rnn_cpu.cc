@@ -20,7 +20,9 @@
 // (without the `save` attribute, for inference, h_prev and res are empty and not written).
 //
 // Matrix products go to a cblas_sgemm whose address Python passes in (OpenBLAS from the
-// scipy-openblas32 wheel), so this library links against nothing but the C/C++ runtimes.
+// scipy-openblas32 wheel). Built with RNNJAX_WITH_DNNL (setup.py, where oneDNN's wheel is
+// installed), the library also links oneDNN, whose RNN primitives run the "dense" mode: the
+// unmasked sequences Python chooses for it (see the oneDNN section below).
 
 #include <cstdint>
 #include <cstring>

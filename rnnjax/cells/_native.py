@@ -58,9 +58,10 @@ def _time_major(*arrays):
 # oneDNN runs a dense sequence when it has at least this many units per step (batch rows times
 # hidden units), by cell and by whether the pass is differentiated (saves residuals); below,
 # rnnjax's own loops measured faster (per-process A/B, 2-core CPU, BENCHMARKS.md): oneDNN's
-# training primitives pay per-step parallel regions that small steps cannot amortize.
+# training primitives pay per-step parallel regions that small steps cannot amortize, and a
+# call costs ~0.25 ms more (LSTM inference: 4-9% faster at 16 x 64 units, 5-13x slower at 1 x 16).
 ONEDNN_MIN_UNITS = {
-    ("lstm", False): 2048,
+    ("lstm", False): 1024,
     ("lstm", True): 4096,
     ("gru", False): 2048,
     ("gru", True): 16384,
