@@ -103,7 +103,8 @@ def _load() -> str | None:
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     except (OSError, AttributeError) as err:
-        return f"could not load {path.name}: {err}"
+        hint = " (built with oneDNN: pip install onednn-cpu-gomp==2023.2.0)" * ("dnnl" in str(err))
+        return f"could not load {path.name}: {err}{hint}"
     _LIBRARY.append(lib)
     return None
 
@@ -119,7 +120,8 @@ def unavailable_reason() -> str | None:
 
 
 def onednn() -> bool:
-    """Whether unmasked float32 LSTMs and GRUs run oneDNN's RNN primitives: the kernels are
+    """Whether unmasked float32 LSTMs and GRUs (with steps large enough:
+    ``rnnjax.cells._native.ONEDNN_MIN_UNITS``) run oneDNN's RNN primitives: the kernels are
     loaded, were built with oneDNN, and ``RNNJAX_ONEDNN=0`` is not set."""
     return available() and not _off("RNNJAX_ONEDNN") and bool(_LIBRARY[0].rnnjax_has_onednn())
 
