@@ -105,6 +105,7 @@ def test_compile_timeout_kills_that_candidate_and_skips_it_at_larger_t(scan_resu
 
 def test_peers_schema_ratios_and_missing_peer(peers_result):
     check_document(peers_result, "peers")
+    assert "torch" in peers_result["methodology"]["own_process"]
     rows = peers_result["results"]
     by = {(r["cell"], r["candidate"], r["mode"]): r for r in rows}
     expected = {

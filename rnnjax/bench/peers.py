@@ -408,6 +408,12 @@ def peers(
         reference=REFERENCE, repeats=repeats, min_sample_s=min_sample_s,
         compile_timeout=compile_timeout,
     )  # fmt: skip
+    method["own_process"] = (
+        f"candidates of {', '.join(OWN_PROCESS)} run in a worker of their own right after the "
+        "one timing rnnjax at the same shape and cell, their ratios against that rnnjax time: "
+        "PyTorch's bundled libgomp.so.1 and oneDNN's would be one OpenMP runtime in one process, "
+        "where both libraries ran 2-2.5x slower"
+    )
     result = _harness.document(
         SUITE, command=command or _harness.python_call("peers", config), config=config,
         machine=machine, method=method, rows=rows,
