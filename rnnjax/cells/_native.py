@@ -17,8 +17,9 @@ gradients step by step; here each direction of the recurrence is one call. Per c
   of ``backward`` do not apply) run the pure-JAX references instead.
 - Every primitive has a pure-JAX reference (``lax.scan``): its lowering off the CPU, its
   forward-mode rule (so ``jax.jvp`` and second derivatives work) and the tests' oracle.
-- Dense mode: a sequence with no mask (``real is None``: every step real) runs oneDNN's RNN
-  primitives instead of rnnjax's loops when the kernels were built with oneDNN
+- Dense mode: a sequence with no mask (``real is None``: every step real) and a step of at
+  least :data:`ONEDNN_MIN_UNITS` (batch rows x hidden units) runs oneDNN's RNN primitives
+  instead of rnnjax's loops when the kernels were built with oneDNN
   (``rnnjax._native.onednn()``), as PyTorch's CPU LSTM does: the input projection of all steps
   as one matmul, packed weights, the gates fused into the recurrent matmul, all cores. The
   forward pass then saves oneDNN's opaque workspace in ``res`` (``(B, W)``, W from
