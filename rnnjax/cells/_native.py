@@ -80,12 +80,27 @@ def _workspace(res) -> bool:
     return res.ndim == 2 and res.shape[1] > 0
 
 
-def _dense_workspace(cell, x, w_h, reverse):
-    """oneDNN's saved array: ``(B, W)``, room for its workspace. The references leave it zero
-    and recompute what they need from the inputs."""
-    steps, size = x.shape[1], x.shape[2]
-    nbytes = _native.workspace_bytes(cell, steps, size, w_h.shape[0], bool(reverse))
-    return jnp.zeros((x.shape[0], -(-nbytes // 4)), x.dtype)
+def _kept(cell, x, w_h, h_prev, res, *, reverse, save, dense):
+    """The residuals a forward reference returns: ``(h_prev, res)`` as computed when they are
+    saved for rnnjax's own kernels; both empty, ``(B, 0)``, for inference; and when oneDNN runs
+    the pass an empty ``h_prev`` and ``res`` of oneDNN's workspace shape, ``(B, W)``, left zero
+    (the references recompute what they need from the inputs instead)."""
+    onednn = save and uses_onednn(cell, x.shape[0], w_h.shape[0], save=save, dense=dense)
+    if save and not onednn:
+        return h_prev, res
+    empty = jnp.zeros((x.shape[0], 0), x.dtype)
+    if not onednn:
+        return empty, empty
+    nbytes = _native.workspace_bytes(cell, x.shape[1], x.shape[2], w_h.shape[0], bool(reverse))
+    return empty, jnp.zeros((x.shape[0], -(-nbytes // 4)), x.dtype)
+
+
+def _saved(forward, inputs, h_prev, res, *, reverse):
+    """``(h_prev, res)`` as a tangent or backward reference uses them: recomputed with the
+    cell's ``forward`` reference over its ``inputs`` when ``res`` is oneDNN's workspace."""
+    if _workspace(res):
+        return tuple(forward(*inputs, reverse=reverse)[-2:])
+    return h_prev, res
 
 
 def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense=False):
@@ -110,19 +125,8 @@ def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense
 
     (h, c), (ys, h_prev, res) = lax.scan(body, (h0, c0), _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    onednn = save and uses_onednn("lstm", x.shape[0], w_h.shape[0], save=save, dense=dense)
-    if not save or onednn:
-        h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
-    if onednn:
-        res = _dense_workspace("lstm", x, w_h, reverse)
+    h_prev, res = _kept("lstm", x, w_h, h_prev, res, reverse=reverse, save=save, dense=dense)
     return ys, h, c, h_prev, res
-
-
-def _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, *, reverse):
-    """``(h_prev, res)`` as the references use them: recomputed when ``res`` is oneDNN's."""
-    if _workspace(res):
-        return forward_reference(x, w_i, b, w_h, h0, c0, mask, reverse=reverse)[3:]
-    return h_prev, res
 
 
 def _weight_cotangents(inputs, w, gz, need_dx):
@@ -146,7 +150,8 @@ def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, b, w_h, h0, c0, mask
                       h_prev, res, *, reverse):  # fmt: skip
     """The recurrence's tangent, linear in ``(dx, dW_i, db, dW_h, dh0, dc0)``, at the forward
     pass whose inputs and outputs follow: ``(dys, dh_last, dc_last)``."""
-    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse)
+    inputs = (x, w_i, b, w_h, h0, c0, mask)
+    h_prev, res = _saved(forward_reference, inputs, h_prev, res, reverse=reverse)
     dz = _gate_tangents(dx, dw_i, db, dw_h, x, w_i, h_prev)
 
     def body(carry, inputs):
@@ -169,7 +174,8 @@ def backward_reference(gys, gh_last, gc_last, x, w_i, b, w_h, h0, c0, mask, ys, 
     """The transpose of :func:`tangent_reference` (backpropagation through time): the
     cotangents ``(gx, gW_i, gb, gW_h, gh0, gc0)`` from those of ``(ys, h_last, c_last)``.
     ``need_dx=False`` may leave ``gx`` unset (zero here)."""
-    h_prev, res = _saved(x, w_i, b, w_h, h0, c0, mask, h_prev, res, reverse=reverse)
+    inputs = (x, w_i, b, w_h, h0, c0, mask)
+    h_prev, res = _saved(forward_reference, inputs, h_prev, res, reverse=reverse)
 
     def body(carry, inputs):
         gh, gc = carry
@@ -217,25 +223,15 @@ def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True
 
     h, (ys, h_prev, res) = lax.scan(body, h0, _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    onednn = save and uses_onednn("gru", x.shape[0], w_h.shape[0], save=save, dense=dense)
-    if not save or onednn:
-        h_prev = res = jnp.zeros((x.shape[0], 0), x.dtype)
-    if onednn:
-        res = _dense_workspace("gru", x, w_h, reverse)
+    h_prev, res = _kept("gru", x, w_h, h_prev, res, reverse=reverse, save=save, dense=dense)
     return ys, h, h_prev, res
-
-
-def _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, *, reverse):
-    """``(h_prev, res)`` as the GRU references use them: recomputed when ``res`` is oneDNN's."""
-    if _workspace(res):
-        return gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, reverse=reverse)[2:]
-    return h_prev, res
 
 
 def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h, h0, mask, ys, h,
                           h_prev, res, *, reverse):  # fmt: skip
     """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``."""
-    h_prev, res = _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse)
+    inputs = (x, w_i, b_i, w_h, b_h, h0, mask)
+    h_prev, res = _saved(gru_forward_reference, inputs, h_prev, res, reverse=reverse)
     dgi = dx @ w_i + x @ dw_i + db_i
     dgh_w = h_prev @ dw_h + db_h
 
@@ -260,7 +256,8 @@ def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h
 def gru_backward_reference(gys, gh_last, x, w_i, b_i, w_h, b_h, h0, mask, ys, h, h_prev, res, *,
                            reverse, need_dx):  # fmt: skip
     """The transpose of :func:`gru_tangent_reference`: ``(gx, gW_i, gb_i, gW_h, gb_h, gh0)``."""
-    h_prev, res = _gru_saved(x, w_i, b_i, w_h, b_h, h0, mask, h_prev, res, reverse=reverse)
+    inputs = (x, w_i, b_i, w_h, b_h, h0, mask)
+    h_prev, res = _saved(gru_forward_reference, inputs, h_prev, res, reverse=reverse)
 
     def body(gh, inputs):
         gy, hp, r_t, m = inputs
@@ -432,10 +429,11 @@ LSTM = _kernels("lstm", 3, 2, forward_reference, tangent_reference, backward_ref
 GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_backward_reference)
 
 
-# Inference (a forward pass that saves nothing) with at least this many units per step (batch
-# rows times hidden units) runs XLA's loop instead: there the step is one large matmul, which
-# XLA's dot does as fast as OpenBLAS, and XLA spreads the gate arithmetic over the cores where
-# the kernel runs it on one; the kernel measured 6-19% slower at 64 x 512 (BENCHMARKS.md).
+# Inference (a forward pass that saves nothing) that oneDNN does not run (a padded sequence),
+# with at least this many units per step (batch rows times hidden units), runs XLA's loop:
+# there the step is one large matmul, which XLA's dot does as fast as OpenBLAS, and XLA spreads
+# the gate arithmetic over the cores where the kernel runs it on one; the kernel measured
+# 6-19% slower at 64 x 512 (BENCHMARKS.md).
 INFERENCE_MAX_UNITS = 16384
 
 
