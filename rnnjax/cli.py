@@ -234,6 +234,13 @@ def _bench_flags(sub) -> None:
         help="remat modes: none, step, sqrt or an int k (default: none,step,sqrt)",
     )
     p.add_argument(
+        "--kernels",
+        choices=("native", "scan"),
+        default="native",
+        help="native: the cell as rj.cells builds it (LSTM/GRU: rnnjax's CPU kernels, "
+        "checkpointed under remat; default); scan: the step-by-step lax.scan",
+    )
+    p.add_argument(
         "--loss",
         choices=("outputs", "outputs_in_scan", "final"),
         default="outputs",
@@ -591,7 +598,7 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
             result = memory(
                 cell=args.cell, lengths=args.lengths, hidden=args.hidden, batch=args.batch,
                 input_size=args.input_size, modes=args.modes, timeout=args.timeout,
-                loss=args.loss, progress=progress, command=command,
+                loss=args.loss, progress=progress, command=command, kernels=args.kernels,
             )  # fmt: skip
         except ValueError as e:
             raise CLIError(str(e)) from None

@@ -24,6 +24,7 @@ each step's term inside the step (a cell whose output is that term) and neither 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import operator
 from typing import Any
@@ -158,10 +159,15 @@ def _step_fn(cell: Cell, params: Params):
     return step
 
 
-def scan_steps(cell: Cell, params: Params, xs, carry, real, *, reverse: bool, unroll):
-    """``lax.scan`` of ``cell.step`` over checked inputs, whatever ``cell.sequence`` is: the
-    loop a cell's whole-sequence fast path falls back to when it does not apply."""
-    return lax.scan(_step_fn(cell, params), carry, (xs, real, None), reverse=reverse, unroll=unroll)
+def scan_steps(
+    cell: Cell, params: Params, xs, carry, real, *, reverse: bool, unroll, remat: Remat = False
+):
+    """``lax.scan`` of ``cell.step`` over checked inputs under ``remat``, whatever
+    ``cell.sequence`` is: the loop a cell's whole-sequence fast path falls back to when it does
+    not apply."""
+    steps = _sequence_length(xs, "rnnjax.scan")
+    inputs = (xs, real, None)
+    return _scan_remat(_step_fn(cell, params), carry, inputs, steps, remat, reverse, unroll)
 
 
 # Rematerialization (remat=): which steps' carries are stored, how segments are recomputed.
@@ -251,18 +257,28 @@ def _loop_remat(step, carry, inputs, steps: int, remat: Remat, reverse: bool):
     return carry, jax.tree.map(lambda *y: jnp.concatenate(y), *ys)
 
 
+def _takes_remat(sequence) -> bool:
+    """Whether a cell's ``sequence`` accepts ``remat=`` (and so runs checkpointed BPTT)."""
+    try:
+        return "remat" in inspect.signature(sequence).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _fast_path(cell: Cell, xs: Any, reset: Any, remat: Remat) -> bool:
     """Whether :func:`scan` runs the cell's whole-sequence ``sequence`` instead of its step.
 
     The built-in cells' fast paths (the native CPU kernels of ``rnnjax.cells._native``, the
     ``fused=True`` path of ``rnnjax.cells._fused``) compute the same values with the
     weight-gradient work moved out of the loop; they cover masks and ``reverse``, while
-    ``reset`` flags, ``remat`` and pytree inputs take the step-by-step scan.
+    ``reset`` flags and pytree inputs take the step-by-step scan, and ``remat`` does too unless
+    the ``sequence`` takes ``remat=`` (the native kernels do: they checkpoint the carry and
+    recompute segments themselves).
     """
     return (
         cell.sequence is not None
         and reset is None
-        and remat is False
+        and (remat is False or _takes_remat(cell.sequence))
         and isinstance(xs, jax.Array | np.ndarray)
     )
 
@@ -327,7 +343,10 @@ def scan(
     _check_remat(remat, where)
     carry, inputs, steps = _prepare(cell, params, xs, carry, length, mask, reset, where)
     if _fast_path(cell, xs, reset, remat):
-        return cell.sequence(params, xs, carry, inputs[1], reverse=bool(reverse), unroll=unroll)
+        extra = {} if remat is False else {"remat": remat}
+        return cell.sequence(
+            params, xs, carry, inputs[1], reverse=bool(reverse), unroll=unroll, **extra
+        )
     step = _step_fn(cell, params)
     return _scan_remat(step, carry, inputs, steps, remat, bool(reverse), unroll)
 

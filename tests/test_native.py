@@ -8,6 +8,7 @@ batches). Here: the kernels are built and taken, values and every kind of deriva
 step scan's, batching in all its forms, the fallbacks, PyTorch, and errors.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -31,6 +32,9 @@ MODES = {
     "length": {"length": True},
     "reverse_length": {"reverse": True, "length": True},
     "mask": {"mask": np.array([True, False, True, True, False, True])},
+    # remat: checkpointed kernels (the carry every k steps, segments recomputed)
+    "length_remat": {"length": True, "remat": 4},
+    "reverse_remat": {"reverse": True, "remat": "sqrt"},
 }
 TOL = 2e-5  # float32: the kernels sum in another order than XLA
 CELLS = {"lstm": rj.cells.lstm, "gru": rj.cells.gru}
@@ -73,7 +77,7 @@ def loss_of(run):
 def assert_close(a, b, tol=TOL):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        scale = max(1.0, float(np.abs(np.asarray(y)).max()))
+        scale = max(1.0, float(np.abs(np.asarray(y)).max(initial=0.0)))
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol * scale, rtol=0)
 
 
@@ -213,13 +217,17 @@ def test_vmap_over_params_falls_back_to_the_references(name):
     assert_close(run(cell), run(cell._replace(sequence=None)))
 
 
+@pytest.mark.parametrize("checkpoint", [0, 4], ids=["all_steps", "checkpoint4"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("name", list(CELLS))
-def test_kernels_equal_the_reference_primitives(name, reverse, path):
+def test_kernels_equal_the_reference_primitives(name, reverse, checkpoint, path):
     """The C++ forward and backward against the pure-JAX references they are tested by
     (the same functions are the lowering off the CPU), and the backward is the transpose of
     the tangent. On the oneDNN path (no mask) the saved workspace is opaque: the references
-    recompute the forward pass instead of reading it."""
+    recompute the forward pass instead of reading it. Checkpointed passes (``checkpoint=4``,
+    remat's: the carry every 4 steps of T = 6, so the last segment is short) run rnnjax's
+    loops even where oneDNN would run (no mask, thresholds 0), save the checkpoints, and their
+    backward equals the one that saved every step."""
     dense = path == "onednn"
     kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
     g = 4 if name == "lstm" else 3
@@ -232,22 +240,34 @@ def test_kernels_equal_the_reference_primitives(name, reverse, path):
     state = tuple(jax.random.normal(next(k), (kernels.n_state, B, H)))
     mask = jnp.ones((B, T), bool) if dense else jax.random.uniform(next(k), (B, T)) > 0.3
     args = (x, *weights, *state, mask)
-    fwd = jax.jit(lambda *a: kernels.forward.bind(*a, save=True, reverse=reverse, dense=dense))
-    out = tuple(fwd(*args))
-    expected = native_kernels.reference(kernels.forward)(*args, reverse=reverse, dense=dense)
+    modes = {"reverse": reverse, "checkpoint": checkpoint}
+
+    def forward(*a, checkpoint=checkpoint):
+        return kernels.forward.bind(*a, save=True, reverse=reverse, dense=dense,
+                                    checkpoint=checkpoint)  # fmt: skip
+
+    out = tuple(jax.jit(forward)(*args))
+    expected = native_kernels.reference(kernels.forward)(*args, dense=dense, **modes)
     assert [o.shape for o in out] == [e.shape for e in expected]
-    assert native_kernels._workspace(out[-1]) == dense  # which residuals were saved
-    kept = 1 + kernels.n_state if dense else len(out)  # the workspace is oneDNN's business
+    onednn = dense and not checkpoint
+    assert native_kernels._workspace(out[-1]) == onednn  # which residuals were saved
+    if checkpoint:  # the carry entering steps 0 and 4 of the pass, for each example
+        assert out[-1].shape == (B, -(-T // checkpoint), kernels.n_state * H)
+    kept = 1 + kernels.n_state if onednn else len(out)  # the workspace is oneDNN's business
     assert_close(out[:kept], tuple(expected)[:kept])
     cts = (jnp.sin(out[0]), *(0.3 * s for s in state))
     rest = (*args, *out)
-    bwd = jax.jit(lambda *a: kernels.backward.bind(*a, need_dx=True, reverse=reverse))
+    bwd = jax.jit(lambda *a: kernels.backward.bind(*a, need_dx=True, **modes))
     got = tuple(bwd(*cts, *rest))
     backward = native_kernels.reference(kernels.backward)
-    assert_close(got, tuple(backward(*cts, *rest, need_dx=True, reverse=reverse)))
+    assert_close(got, tuple(backward(*cts, *rest, need_dx=True, **modes)))
+    if checkpoint:
+        every_step = (*args, *jax.jit(functools.partial(forward, checkpoint=0))(*args))
+        plain = jax.jit(lambda *a: kernels.backward.bind(*a, need_dx=True, reverse=reverse))
+        assert_close(got, tuple(plain(*cts, *every_step)))
 
     def tangent(*d):
-        return native_kernels.reference(kernels.tangent)(*d, *rest, reverse=reverse)
+        return native_kernels.reference(kernels.tangent)(*d, *rest, **modes)
 
     transpose = jax.linear_transpose(tangent, x, *weights, *state)
     assert_close(got, tuple(transpose(cts)))

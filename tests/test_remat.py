@@ -180,10 +180,16 @@ def test_numpy_int_remat_is_accepted():
     assert_tree_close(rj.scan(cell, params, xs, remat=np.int64(4)), rj.scan(cell, params, xs))
 
 
-def test_checkpointing_shrinks_what_bptt_keeps():
+@pytest.mark.parametrize("kernels", ["native", "scan"])
+def test_checkpointing_shrinks_what_bptt_keeps(kernels):
     """XLA's static estimate of the gradient's temporaries at T = 1024: per-step remat keeps
-    less than plain BPTT, sqrt(T) checkpointing several times less."""
+    less than plain BPTT, sqrt(T) checkpointing several times less. The native kernels'
+    checkpointed gradient holds one copy of the outputs ys (their cotangent 2 ys is written
+    over them: ys is the replay call's only output) plus the input gradient; the step scan's
+    holds ys and 2 ys side by side."""
     cell = rj.cells.lstm(16)
+    if kernels == "scan":
+        cell = cell._replace(sequence=None)
     params = cell.init(jax.random.key(0), 4)
     xs = jnp.ones((2, 1024, 4))
 
@@ -193,11 +199,18 @@ def test_checkpointing_shrinks_what_bptt_keeps():
             return jnp.sum(ys**2)
 
         compiled = jax.jit(jax.grad(loss)).lower(params, xs).compile()
+        if kernels == "native":
+            assert ("rnnjax_lstm_replay" in compiled.as_text()) == (remat is not False)
         return compiled.memory_analysis().temp_size_in_bytes
 
     plain, step, sqrt = temp_bytes(False), temp_bytes(True), temp_bytes("sqrt")
     assert plain > step > sqrt
     assert plain > 4 * sqrt, (plain, step, sqrt)
+    ys_bytes, xs_bytes = xs.shape[0] * 1024 * 16 * 4, xs.size * 4
+    if kernels == "native":
+        assert sqrt < ys_bytes + xs_bytes + ys_bytes // 4, (sqrt, ys_bytes)
+    else:
+        assert sqrt > 2 * ys_bytes, (sqrt, ys_bytes)
 
 
 # The memory benchmark suite, at tiny sizes.
@@ -220,6 +233,7 @@ def test_memory_suite_runs_each_mode_in_its_own_process(tmp_path):
         result
     )
     assert result["suite"] == "memory" and result["config"]["modes"] == ["none", "8"]
+    assert result["config"]["kernels"] == "native"  # the LSTM as built: rnnjax's kernels
     assert result["command"].startswith("rnnjax.bench.memory(cell='lstm', lengths=[64]")
     rows = result["results"]
     assert [(r["T"], r["mode"], r["remat"], r["status"]) for r in rows] == [
@@ -246,6 +260,7 @@ def test_memory_suite_reports_timeouts_and_bad_arguments(tmp_path):
         ({"modes": ("half",)}, "'none', 'step', 'sqrt' or a positive int"),
         ({"cell": "rnn"}, "cell to be one of lstm, gru, elman; got 'rnn'"),
         ({"loss": "mean"}, "loss to be one of outputs, outputs_in_scan, final; got 'mean'"),
+        ({"kernels": "cuda"}, "kernels to be one of native, scan; got 'cuda'"),
         ({"lengths": (0,)}, "each length to be a positive int, got 0"),
         ({"timeout": 0}, "timeout to be positive seconds, got 0"),
     ]:

@@ -28,6 +28,8 @@ TARGETS = {
     "rnnjax_lstm_backward": "RnnjaxLstmBackward",
     "rnnjax_gru_forward": "RnnjaxGruForward",
     "rnnjax_gru_backward": "RnnjaxGruBackward",
+    "rnnjax_lstm_replay": "RnnjaxLstmReplay",
+    "rnnjax_gru_replay": "RnnjaxGruReplay",
 }
 
 

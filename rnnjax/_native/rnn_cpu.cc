@@ -17,13 +17,16 @@
 //   h_prev (B, T, H)   h entering each step (for dW_h = sum h_prev^T dz)
 //   res    LSTM (B, T, 6H): i, f, g, o (activated), c entering the step, tanh(c leaving it)
 //          GRU  (B, T, 4H): r, z, n, h W_hn + b_hn
-// (without the `save` attribute, for inference, h_prev and res are empty and not written).
+// (without the `save` attribute, for inference, h_prev and res are empty and not written;
+// with `checkpoint` k > 0, res holds the carry entering every k-th step instead, and the
+// backward pass recomputes the rest segment by segment: see "Checkpointed passes" below).
 //
 // Matrix products go to a cblas_sgemm whose address Python passes in (OpenBLAS from the
 // scipy-openblas32 wheel). Built with RNNJAX_WITH_DNNL (setup.py, where oneDNN's wheel is
 // installed), the library also links oneDNN, whose RNN primitives run the "dense" mode: the
 // unmasked sequences Python chooses for it (see the oneDNN section below).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -159,15 +162,19 @@ ffi::Error NoDnnl() {
 // After a backward loop: from the gate cotangents dz (rows, G) of all steps and the inputs
 // `in` (rows, K) that met the weights W (K, G), the weight gradient in^T dz, the bias gradient
 // (column sums of dz; skipped when db is null) and, if `need_dx`, the input gradient dz W^T.
+// With `accumulate`, the weight and bias gradients are added to dw and db (a checkpointed
+// pass's segments); dx is written either way.
 void WeightGradients(int64_t rows, int64_t K, int64_t G, const float* in, const float* dz,
-                     const float* w, bool need_dx, float* dx, float* dw, float* db) {
+                     const float* w, bool need_dx, float* dx, float* dw, float* db,
+                     bool accumulate = false) {
   if (rows > 0 && K > 0) {
-    g_sgemm(kRowMajor, kTrans, kNoTrans, K, G, rows, 1.0f, in, K, dz, G, 0.0f, dw, G);
-  } else {
+    g_sgemm(kRowMajor, kTrans, kNoTrans, K, G, rows, 1.0f, in, K, dz, G, accumulate ? 1.0f : 0.0f,
+            dw, G);
+  } else if (!accumulate) {
     std::memset(dw, 0, sizeof(float) * K * G);
   }
   if (db != nullptr) {
-    std::memset(db, 0, sizeof(float) * G);
+    if (!accumulate) std::memset(db, 0, sizeof(float) * G);
     for (int64_t row = 0; row < rows; ++row) {
       const float* __restrict__ zr = dz + row * G;
 #pragma omp simd
@@ -583,150 +590,120 @@ ffi::Error DnnlBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse
 }
 #endif  // RNNJAX_WITH_DNNL
 
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
-                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
-                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                           ffi::Buffer<ffi::PRED> mask, bool reverse, bool save, bool dense,
-                           ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
-                           ffi::ResultBuffer<ffi::F32> c_last,
-                           ffi::ResultBuffer<ffi::F32> h_prev,
-                           ffi::ResultBuffer<ffi::F32> res) {
-  Dims d;
-  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d); err.failure()) return err;
-  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H;
-  auto xd = x.dimensions();
-  if (xd.size() != 3 || xd[0] != B || xd[1] != T || w_i.dimensions()[0] != xd[2]) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "rnnjax native LSTM: expected x (B, T, I) and w_i (I, 4H)");
-  }
-  const int64_t I = xd[2], K = I + H;
-  if (dense) {
-#ifdef RNNJAX_WITH_DNNL
-    return DnnlThread::Run([&] {
-      return DnnlForward<LstmCell>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
-                                   bias.typed_data(), w_h.typed_data(), nullptr, h0.typed_data(),
-                                   c0.typed_data(), ys->typed_data(), h_last->typed_data(),
-                                   c_last->typed_data(), res->typed_data(), res->size_bytes());
-    });
-#else
-    return NoDnnl();
-#endif
-  }
-  const float* px = x.typed_data();
-  const bool* pm = mask.typed_data();
-  float* py = ys->typed_data();
-  float* ph_prev = h_prev->typed_data();
-  float* pres = res->typed_data();
-  float* h = h_last->typed_data();  // the running carry lives in the outputs
-  float* c = c_last->typed_data();
-  std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
-  std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
-  // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias. (The
-  // input projections of all steps as one matmul before the loop, into a (B*T, 4H) buffer,
-  // measured no faster and slower at 16x256x32x64 in the bench harness.)
-  Work w_work(0, K * G);
-  float* w = w_work.data();
-  std::memcpy(w, w_i.typed_data(), sizeof(float) * I * G);
-  std::memcpy(w + I * G, w_h.typed_data(), sizeof(float) * H * G);
-  Work xh_work(1, B * K);
-  float* xh = xh_work.data();
-  Work z_work(2, B * G);
-  float* z = z_work.data();
-  const float* pb = bias.typed_data();
-  std::vector<float> row(save ? 0 : 6 * H);  // without `save`, one row's gates at a time
+// ------------------------------------------------------------------------- rnnjax's own loops
+// A pass runs steps s = 0 .. T - 1 in its own order; step s is position t = s, or T - 1 - s
+// for a reverse pass. Per-step arrays of a pass (h_prev, res, the gate cotangents) put
+// (example b, position t) at row b * stride + t - first: stride T and first 0 for the whole
+// sequence, stride n and first the segment's smallest t for one checkpointed n-step segment.
+struct Rows {
+  int64_t stride, first;
+  int64_t operator()(int64_t b, int64_t t) const { return b * stride + t - first; }
+};
 
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(xh + b * K, px + (b * T + t) * I, sizeof(float) * I);
-      std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
-      std::memcpy(z + b * G, pb, sizeof(float) * G);
-      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
-    }
-    if (K > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      float* __restrict__ r = save ? pres + (b * T + t) * 6 * H : row.data();
-      float* __restrict__ cb = c + b * H;
-      float* __restrict__ hb = h + b * H;
-      float* __restrict__ yb = py + (b * T + t) * H;
-      Cell(z + b * G, cb, r, H);
-      if (pm[b * T + t]) {
-        // r holds c entering the step at 4H and tanh(c leaving it) at 5H.
-        for (int64_t j = 0; j < H; ++j) {
-          cb[j] = r[H + j] * r[4 * H + j] + r[j] * r[2 * H + j];
-          hb[j] = r[3 * H + j] * r[5 * H + j];
-          yb[j] = hb[j];
-        }
-      } else {
-        std::memset(yb, 0, sizeof(float) * H);
-      }
-    }
+inline int64_t Position(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+
+// Checkpointed passes (the `checkpoint` attribute k > 0: rnnjax.scan's remat=): the forward
+// pass saves, instead of h_prev and res, only the carry entering every k-th step, ckpt
+// (B, S, width) with S = ceil(T / k); the backward pass runs the segments last to first,
+// recomputing each segment's residuals from its checkpoint into arrays of k steps, running its
+// BPTT steps, and adding its rows to the weight gradients.
+struct Segment {
+  int64_t begin, end, first;  // steps [begin, end) of the pass; positions [first, first + n)
+  int64_t n() const { return end - begin; }
+};
+
+Segment SegmentOf(int64_t index, int64_t k, int64_t T, bool reverse) {
+  const int64_t begin = index * k, end = std::min(T, begin + k);
+  return {begin, end, reverse ? T - end : begin};
+}
+
+ffi::Error CheckCheckpoints(ffi::Span<const int64_t> ckpt, int64_t B, int64_t T, int64_t k,
+                            int64_t width) {
+  if (k < 1 || ckpt.size() != 3 || ckpt[0] != B || ckpt[1] != (T + k - 1) / k ||
+      ckpt[2] != width) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "rnnjax native kernels: expected checkpoints (B, ceil(T / k), carry size)");
   }
   return ffi::Error::Success();
 }
 
-// The transpose of the LSTM's tangent (backpropagation through time): from the cotangents of
-// the outputs ys and of the final carry, the cotangents of x, W_i, b, W_h and the initial carry.
-// The loop carries dh and dc; the gate cotangents dz of all steps go to a scratch array, and the
-// weight gradients are three large matmuls over its B*T rows after the loop.
-ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_last,
-                            ffi::Buffer<ffi::F32> gc_last, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w_i, ffi::Buffer<ffi::F32> bias,
-                            ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
-                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
-                            ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h_last,
-                            ffi::Buffer<ffi::F32> c_last, ffi::Buffer<ffi::F32> h_prev,
-                            ffi::Buffer<ffi::F32> res, bool reverse, bool need_dx, bool dense,
-                            ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw_i,
-                            ffi::ResultBuffer<ffi::F32> gb, ffi::ResultBuffer<ffi::F32> gw_h,
-                            ffi::ResultBuffer<ffi::F32> gh0, ffi::ResultBuffer<ffi::F32> gc0) {
-  if (dense) {
-#ifdef RNNJAX_WITH_DNNL
-    Dims d;
-    if (auto err = CheckDims(ys.dimensions(), 1, w_h, &d); err.failure()) return err;
-    const DnnlGrads g{gx->typed_data(),  gw_i->typed_data(), gb->typed_data(),
-                      gw_h->typed_data(), nullptr,            gh0->typed_data(),
-                      gc0->typed_data()};
-    return DnnlThread::Run([&] {
-      return DnnlBackward<LstmCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
-                                    gys.typed_data(), gh_last.typed_data(), gc_last.typed_data(),
-                                    x.typed_data(), w_i.typed_data(), bias.typed_data(),
-                                    w_h.typed_data(), nullptr, h0.typed_data(), c0.typed_data(),
-                                    ys.typed_data(), h_last.typed_data(), c_last.typed_data(),
-                                    res.typed_data(), g);
-    });
-#else
-    return NoDnnl();
-#endif
-  }
-  Dims d;
-  if (auto err = CheckDims(res.dimensions(), 6, w_h, &d); err.failure()) return err;
-  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H;
-  const int64_t I = x.dimensions()[2], BT = B * T;
-  const float* py = gys.typed_data();
-  const float* pres = res.typed_data();
-  const float* pw = w_h.typed_data();
-  const bool* pm = mask.typed_data();
-  float* gh = gh0->typed_data();  // the running cotangent of the carry lives in the outputs
-  float* gc = gc0->typed_data();
-  std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
-  std::memcpy(gc, gc_last.typed_data(), sizeof(float) * B * H);
-  Work pz_work(3, BT * G);  // the gate cotangents of all steps
-  float* pz = pz_work.data();
-  Work back_work(1, B * H);
-  float* back = back_work.data();
+// One direction's operands, as the LSTM's loops use them.
+struct LstmPass {
+  int64_t B, T, I, H;
+  bool reverse;
+  const float* x;     // (B, T, I)
+  const bool* mask;   // (B, T)
+  const float* bias;  // (4H)
+  const float* w;     // [W_i; W_h], (I + H, 4H)
+  const float* w_h;   // (H, 4H)
+};
 
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = reverse ? T - 1 - s : s;
+// Steps [begin, end) of a forward pass from the carry (h, c), which they advance. Each of the
+// other outputs is written only when given: ys (B, T, H); h_prev (., H) and res (., 6H) at
+// `rows`; ckpt (B, S, 2H), [h, c] entering every k-th step.
+void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c, float* ys,
+               float* h_prev, float* res, Rows rows, float* ckpt, int64_t k) {
+  const int64_t B = p.B, T = p.T, I = p.I, H = p.H, G = 4 * H, K = I + H;
+  const int64_t S = ckpt != nullptr ? (T + k - 1) / k : 0;
+  Work xh_work(1, B * K);
+  float* xh = xh_work.data();
+  Work z_work(2, B * G);
+  float* z = z_work.data();
+  std::vector<float> row(res != nullptr ? 0 : 6 * H);  // without res, one row's gates at a time
+
+  for (int64_t s = begin; s < end; ++s) {
+    const int64_t t = Position(s, T, p.reverse);
     for (int64_t b = 0; b < B; ++b) {
-      const float* __restrict__ r = pres + (b * T + t) * 6 * H;
-      const float* __restrict__ yb = py + (b * T + t) * H;
+      if (ckpt != nullptr && s % k == 0) {
+        float* at = ckpt + (b * S + s / k) * 2 * H;
+        std::memcpy(at, h + b * H, sizeof(float) * H);
+        std::memcpy(at + H, c + b * H, sizeof(float) * H);
+      }
+      std::memcpy(xh + b * K, p.x + (b * T + t) * I, sizeof(float) * I);
+      std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
+      std::memcpy(z + b * G, p.bias, sizeof(float) * G);
+      if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
+    }
+    if (K > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, p.w, G, 1.0f, z, G);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 6 * H : row.data();
+      float* __restrict__ cb = c + b * H;
+      float* __restrict__ hb = h + b * H;
+      float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
+      Cell(z + b * G, cb, r, H);
+      if (p.mask[b * T + t]) {
+        // r holds c entering the step at 4H and tanh(c leaving it) at 5H.
+        for (int64_t j = 0; j < H; ++j) {
+          cb[j] = r[H + j] * r[4 * H + j] + r[j] * r[2 * H + j];
+          hb[j] = r[3 * H + j] * r[5 * H + j];
+        }
+        if (yb != nullptr) std::memcpy(yb, hb, sizeof(float) * H);
+      } else if (yb != nullptr) {
+        std::memset(yb, 0, sizeof(float) * H);
+      }
+    }
+  }
+}
+
+// Steps end - 1 down to begin of the LSTM's BPTT, from the residuals `res` at `rows`: the
+// running cotangents (gh, gc) of the carry go back through them, and the gate cotangents of
+// each step go to dz (., 4H) at `rows`.
+void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* gys,
+                   const float* res, Rows rows, float* dz, float* gh, float* gc) {
+  const int64_t B = p.B, T = p.T, H = p.H, G = 4 * H;
+  Work back_work(1, B * H);  // slot 1 as the forward steps': never live at once
+  float* back = back_work.data();
+  for (int64_t s = end - 1; s >= begin; --s) {
+    const int64_t t = Position(s, T, p.reverse);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* __restrict__ r = res + rows(b, t) * 6 * H;
+      const float* __restrict__ yb = gys + (b * T + t) * H;
       float* __restrict__ ghb = gh + b * H;
       float* __restrict__ gcb = gc + b * H;
-      float* __restrict__ dzb = pz + (b * T + t) * G;
-      if (!pm[b * T + t]) {
+      float* __restrict__ dzb = dz + rows(b, t) * G;
+      if (!p.mask[b * T + t]) {
         std::memset(dzb, 0, sizeof(float) * G);
         continue;
       }
@@ -744,19 +721,172 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
       }
     }
     if (H > 0) {
-      // back = dz_t @ W_h^T: the cotangent of h entering this step (dz_t rows are T * 4H apart).
-      g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, pz + t * G, T * G, pw, G, 0.0f,
-              back, H);
+      // back = dz_t @ W_h^T: the cotangent of h entering this step (dz_t rows are stride apart).
+      g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, dz + rows(0, t) * G, rows.stride * G,
+              p.w_h, G, 0.0f, back, H);
     }
     for (int64_t b = 0; b < B; ++b) {
-      if (pm[b * T + t]) std::memcpy(gh + b * H, back + b * H, sizeof(float) * H);
+      if (p.mask[b * T + t]) std::memcpy(gh + b * H, back + b * H, sizeof(float) * H);
     }
   }
-  // Weight gradients over all B*T rows at once (the bias gradient is b's, as b enters dz).
-  WeightGradients(BT, H, G, h_prev.typed_data(), pz, nullptr, false, nullptr,
-                  gw_h->typed_data(), nullptr);
-  WeightGradients(BT, I, G, x.typed_data(), pz, w_i.typed_data(), need_dx, gx->typed_data(),
-                  gw_i->typed_data(), gb->typed_data());
+}
+
+// [W_i; W_h] as one (I + H, 4H) matrix, in Work slot 0.
+float* Stacked(const Work& work, const float* w_i, const float* w_h, int64_t I, int64_t H,
+               int64_t G) {
+  float* w = work.data();
+  std::memcpy(w, w_i, sizeof(float) * I * G);
+  std::memcpy(w + I * G, w_h, sizeof(float) * H * G);
+  return w;
+}
+
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
+                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                           ffi::Buffer<ffi::PRED> mask, bool reverse, bool save, bool dense,
+                           int64_t checkpoint, ffi::ResultBuffer<ffi::F32> ys,
+                           ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> c_last,
+                           ffi::ResultBuffer<ffi::F32> h_prev,
+                           ffi::ResultBuffer<ffi::F32> res) {
+  // A checkpointed pass (save with checkpoint k > 0) writes no ys, which is (B, 0, H): the
+  // replay call computes ys from its checkpoints.
+  const bool checkpointed = save && checkpoint > 0;
+  Dims d;
+  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d); err.failure()) return err;
+  auto xd = x.dimensions();
+  const int64_t B = d.batch, T = checkpointed && xd.size() == 3 ? xd[1] : d.steps;
+  const int64_t H = d.hidden, G = 4 * H;
+  if (xd.size() != 3 || xd[0] != B || xd[1] != T || w_i.dimensions()[0] != xd[2] ||
+      (checkpointed && d.steps != 0)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "rnnjax native LSTM: expected x (B, T, I), w_i (I, 4H) and ys (B, T, H) "
+                      "((B, 0, H) for a checkpointed pass)");
+  }
+  const int64_t I = xd[2];
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    return DnnlThread::Run([&] {
+      return DnnlForward<LstmCell>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
+                                   bias.typed_data(), w_h.typed_data(), nullptr, h0.typed_data(),
+                                   c0.typed_data(), ys->typed_data(), h_last->typed_data(),
+                                   c_last->typed_data(), res->typed_data(), res->size_bytes());
+    });
+#else
+    return NoDnnl();
+#endif
+  }
+  float* ckpt = nullptr;
+  if (checkpointed) {
+    if (auto err = CheckCheckpoints(res->dimensions(), B, T, checkpoint, 2 * H); err.failure()) {
+      return err;
+    }
+    ckpt = res->typed_data();
+    save = false;  // no per-step residuals
+  }
+  float* h = h_last->typed_data();  // the running carry lives in the outputs
+  float* c = c_last->typed_data();
+  std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
+  std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
+  // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias. (The
+  // input projections of all steps as one matmul before the loop, into a (B*T, 4H) buffer,
+  // measured no faster and slower at 16x256x32x64 in the bench harness.)
+  Work w_work(0, (I + H) * G);
+  const LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(),
+                   Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G),
+                   w_h.typed_data()};
+  LstmSteps(p, 0, T, h, c, checkpointed ? nullptr : ys->typed_data(),
+            save ? h_prev->typed_data() : nullptr,
+            save ? res->typed_data() : nullptr, Rows{T, 0}, ckpt, checkpoint);
+  return ffi::Error::Success();
+}
+
+// The transpose of the LSTM's tangent (backpropagation through time): from the cotangents of
+// the outputs ys and of the final carry, the cotangents of x, W_i, b, W_h and the initial carry.
+// The loop carries dh and dc; the gate cotangents dz of all steps go to a scratch array, and the
+// weight gradients are three large matmuls over its B*T rows after the loop (checkpointed:
+// over each segment's B*n rows, added up).
+ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_last,
+                            ffi::Buffer<ffi::F32> gc_last, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w_i, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
+                            ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h_last,
+                            ffi::Buffer<ffi::F32> c_last, ffi::Buffer<ffi::F32> h_prev,
+                            ffi::Buffer<ffi::F32> res, bool reverse, bool need_dx, bool dense,
+                            int64_t checkpoint, ffi::ResultBuffer<ffi::F32> gx,
+                            ffi::ResultBuffer<ffi::F32> gw_i, ffi::ResultBuffer<ffi::F32> gb,
+                            ffi::ResultBuffer<ffi::F32> gw_h, ffi::ResultBuffer<ffi::F32> gh0,
+                            ffi::ResultBuffer<ffi::F32> gc0) {
+  Dims d;
+  if (auto err = CheckDims(gys.dimensions(), 1, w_h, &d); err.failure()) return err;
+  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H;
+  const int64_t I = x.dimensions()[2], BT = B * T;
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    const DnnlGrads g{gx->typed_data(),  gw_i->typed_data(), gb->typed_data(),
+                      gw_h->typed_data(), nullptr,            gh0->typed_data(),
+                      gc0->typed_data()};
+    return DnnlThread::Run([&] {
+      return DnnlBackward<LstmCell>(B, T, I, H, reverse, gys.typed_data(), gh_last.typed_data(),
+                                    gc_last.typed_data(), x.typed_data(), w_i.typed_data(),
+                                    bias.typed_data(), w_h.typed_data(), nullptr,
+                                    h0.typed_data(), c0.typed_data(), ys.typed_data(),
+                                    h_last.typed_data(), c_last.typed_data(), res.typed_data(), g);
+    });
+#else
+    return NoDnnl();
+#endif
+  }
+  float* gh = gh0->typed_data();  // the running cotangent of the carry lives in the outputs
+  float* gc = gc0->typed_data();
+  std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
+  std::memcpy(gc, gc_last.typed_data(), sizeof(float) * B * H);
+  LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(), nullptr,
+             w_h.typed_data()};
+  if (checkpoint <= 0) {
+    if (auto err = CheckDims(res.dimensions(), 6, w_h, &d); err.failure()) return err;
+    Work dz_work(3, BT * G);  // the gate cotangents of all steps
+    float* dz = dz_work.data();
+    LstmBackSteps(p, 0, T, gys.typed_data(), res.typed_data(), Rows{T, 0}, dz, gh, gc);
+    // Weight gradients over all B*T rows at once (the bias gradient is b's, as b enters dz).
+    WeightGradients(BT, H, G, h_prev.typed_data(), dz, nullptr, false, nullptr,
+                    gw_h->typed_data(), nullptr);
+    WeightGradients(BT, I, G, x.typed_data(), dz, w_i.typed_data(), need_dx, gx->typed_data(),
+                    gw_i->typed_data(), gb->typed_data());
+    return ffi::Error::Success();
+  }
+  const int64_t k = checkpoint, S = (T + k - 1) / k;
+  if (auto err = CheckCheckpoints(res.dimensions(), B, T, k, 2 * H); err.failure()) return err;
+  Work w_work(0, (I + H) * G);
+  p.w = Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G);
+  Work seg_work(3, B * k * (G + H + 6 * H) + 2 * B * H);  // dz, h_prev, res; the carry
+  float* dz = seg_work.data();
+  float* hp = dz + B * k * G;
+  float* rs = hp + B * k * H;
+  float* h = rs + B * k * 6 * H;
+  float* c = h + B * H;
+  std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
+  std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
+  std::memset(gb->typed_data(), 0, sizeof(float) * G);
+  for (int64_t index = S - 1; index >= 0; --index) {
+    const Segment seg = SegmentOf(index, k, T, reverse);
+    const int64_t n = seg.n();
+    const Rows rows{n, seg.first};
+    for (int64_t b = 0; b < B; ++b) {
+      const float* at = res.typed_data() + (b * S + index) * 2 * H;
+      std::memcpy(h + b * H, at, sizeof(float) * H);
+      std::memcpy(c + b * H, at + H, sizeof(float) * H);
+    }
+    LstmSteps(p, seg.begin, seg.end, h, c, nullptr, hp, rs, rows, nullptr, k);
+    LstmBackSteps(p, seg.begin, seg.end, gys.typed_data(), rs, rows, dz, gh, gc);
+    WeightGradients(B * n, H, G, hp, dz, nullptr, false, nullptr, gw_h->typed_data(), nullptr,
+                    true);
+    for (int64_t b = 0; b < B; ++b) {  // the segment's rows of x and gx are n rows per example
+      const int64_t at = (b * T + seg.first) * I;
+      WeightGradients(n, I, G, x.typed_data() + at, dz + b * n * G, w_i.typed_data(), need_dx,
+                      gx->typed_data() + at, gw_i->typed_data(), gb->typed_data(), true);
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -768,155 +898,107 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
 //   h' = (1 - z) n + z h.
 // Residuals: h_prev (B, T, H) and res (B, T, 4H) = [r, z, n, gh_n].
 
-ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
-                          ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
-                          ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::F32> h0,
-                          ffi::Buffer<ffi::PRED> mask, bool reverse, bool save, bool dense,
-                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last,
-                          ffi::ResultBuffer<ffi::F32> h_prev, ffi::ResultBuffer<ffi::F32> res) {
-  if (dense) {
-#ifdef RNNJAX_WITH_DNNL
-    Dims d;
-    if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
-    return DnnlThread::Run([&] {
-      return DnnlForward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse, save,
-                                  x.typed_data(), w_i.typed_data(), b_i.typed_data(),
-                                  w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
-                                  ys->typed_data(), h_last->typed_data(), nullptr,
-                                  res->typed_data(), res->size_bytes());
-    });
-#else
-    return NoDnnl();
-#endif
+struct GruPass {
+  int64_t B, T, I, H;
+  bool reverse;
+  const float* x;     // (B, T, I)
+  const bool* mask;   // (B, T)
+  const float* w_i;   // (I, 3H)
+  const float* b_i;   // (3H)
+  const float* w_h;   // (H, 3H)
+  const float* b_h;   // (3H)
+};
+
+// One row's gates from gi = x W_i + b_i and gh = h W_h + b_h (each 3H): r = [r, z, n, gh_n].
+inline void GruGates(const float* __restrict__ a, const float* __restrict__ q,
+                     float* __restrict__ r, int64_t H) {
+  float* __restrict__ rr = r;
+  float* __restrict__ rz = r + H;
+  float* __restrict__ rn = r + 2 * H;
+  float* __restrict__ rq = r + 3 * H;
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const float reset = Sigmoid(a[j] + q[j]);
+    rr[j] = reset;
+    rz[j] = Sigmoid(a[H + j] + q[H + j]);
+    rq[j] = q[2 * H + j];
+    rn[j] = Tanh(a[2 * H + j] + reset * q[2 * H + j]);
   }
-  Dims d;
-  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
-  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
-  const int64_t I = x.dimensions()[2];
-  const float* px = x.typed_data();
-  const float* pwi = w_i.typed_data();
-  const float* pwh = w_h.typed_data();
-  const bool* pm = mask.typed_data();
-  float* py = ys->typed_data();
-  float* ph_prev = h_prev->typed_data();
-  float* pres = res->typed_data();
-  float* h = h_last->typed_data();
-  std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
+}
+
+// Steps [begin, end) of a forward pass from the carry h, which they advance; ys, h_prev, res
+// (at `rows`) and ckpt (B, S, H) are written when given, as in LstmSteps.
+void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys, float* h_prev,
+              float* res, Rows rows, float* ckpt, int64_t k) {
+  const int64_t B = p.B, T = p.T, I = p.I, H = p.H, G = 3 * H;
+  const int64_t S = ckpt != nullptr ? (T + k - 1) / k : 0;
   // Per step: gi = x_t W_i + b_i and gh = h W_h + b_h. (The input side of all steps as one
   // matmul before the loop measured 18% slower forward+backward at 32x128x64x256.)
   Work gi_work(1, B * G);
   float* gi = gi_work.data();
   Work gh_work(2, B * G);
   float* gh = gh_work.data();
-  std::vector<float> row(save ? 0 : 4 * H);  // without `save`, one row's gates at a time
+  std::vector<float> row(res != nullptr ? 0 : 4 * H);  // without res, one row's gates at a time
 
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
+  for (int64_t s = begin; s < end; ++s) {
+    const int64_t t = Position(s, T, p.reverse);
     for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(gi + b * G, b_i.typed_data(), sizeof(float) * G);
-      std::memcpy(gh + b * G, b_h.typed_data(), sizeof(float) * G);
-      if (save) std::memcpy(ph_prev + (b * T + t) * H, h + b * H, sizeof(float) * H);
+      if (ckpt != nullptr && s % k == 0) {
+        std::memcpy(ckpt + (b * S + s / k) * H, h + b * H, sizeof(float) * H);
+      }
+      std::memcpy(gi + b * G, p.b_i, sizeof(float) * G);
+      std::memcpy(gh + b * G, p.b_h, sizeof(float) * G);
+      if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
     }
     if (I > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, I, 1.0f, px + t * I, T * I, pwi, G, 1.0f, gi,
-              G);
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, I, 1.0f, p.x + t * I, T * I, p.w_i, G, 1.0f,
+              gi, G);
     }
     if (H > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, pwh, G, 1.0f, gh, G);
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, p.w_h, G, 1.0f, gh, G);
     }
     for (int64_t b = 0; b < B; ++b) {
       const float* __restrict__ a = gi + b * G;
       const float* __restrict__ q = gh + b * G;
-      float* __restrict__ r = save ? pres + (b * T + t) * 4 * H : row.data();
+      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 4 * H : row.data();
       float* __restrict__ hb = h + b * H;
-      float* __restrict__ yb = py + (b * T + t) * H;
-      float* __restrict__ rr = r;
-      float* __restrict__ rz = r + H;
-      float* __restrict__ rn = r + 2 * H;
-      float* __restrict__ rq = r + 3 * H;
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
-        const float reset = Sigmoid(a[j] + q[j]);
-        rr[j] = reset;
-        rz[j] = Sigmoid(a[H + j] + q[H + j]);
-        rq[j] = q[2 * H + j];
-        rn[j] = Tanh(a[2 * H + j] + reset * q[2 * H + j]);
-      }
-      if (pm[b * T + t]) {
-        for (int64_t j = 0; j < H; ++j) {
-          hb[j] = (1.0f - rz[j]) * rn[j] + rz[j] * hb[j];
-          yb[j] = hb[j];
-        }
-      } else {
+      float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
+      GruGates(a, q, r, H);
+      if (p.mask[b * T + t]) {
+        const float* __restrict__ rz = r + H;
+        const float* __restrict__ rn = r + 2 * H;
+        for (int64_t j = 0; j < H; ++j) hb[j] = (1.0f - rz[j]) * rn[j] + rz[j] * hb[j];
+        if (yb != nullptr) std::memcpy(yb, hb, sizeof(float) * H);
+      } else if (yb != nullptr) {
         std::memset(yb, 0, sizeof(float) * H);
       }
     }
   }
-  return ffi::Error::Success();
 }
 
-// BPTT of the GRU: cotangents of x, W_i, b_i, W_h, b_h and h0 from those of ys and h_last.
-ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_last,
-                           ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
-                           ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
-                           ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::F32> h0,
-                           ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> ys,
-                           ffi::Buffer<ffi::F32> h_last, ffi::Buffer<ffi::F32> h_prev,
-                           ffi::Buffer<ffi::F32> res, bool reverse, bool need_dx, bool dense,
-                           ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw_i,
-                           ffi::ResultBuffer<ffi::F32> gb_i, ffi::ResultBuffer<ffi::F32> gw_h,
-                           ffi::ResultBuffer<ffi::F32> gb_h, ffi::ResultBuffer<ffi::F32> gh0) {
-  if (dense) {
-#ifdef RNNJAX_WITH_DNNL
-    Dims d;
-    if (auto err = CheckDims(ys.dimensions(), 1, w_h, &d, 3); err.failure()) return err;
-    const DnnlGrads g{gx->typed_data(),   gw_i->typed_data(), gb_i->typed_data(),
-                      gw_h->typed_data(), gb_h->typed_data(), gh0->typed_data(),
-                      nullptr};
-    return DnnlThread::Run([&] {
-      return DnnlBackward<GruCell>(d.batch, d.steps, x.dimensions()[2], d.hidden, reverse,
-                                   gys.typed_data(), gh_last.typed_data(), nullptr,
-                                   x.typed_data(), w_i.typed_data(), b_i.typed_data(),
-                                   w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
-                                   ys.typed_data(), h_last.typed_data(), nullptr,
-                                   res.typed_data(), g);
-    });
-#else
-    return NoDnnl();
-#endif
-  }
-  Dims d;
-  if (auto err = CheckDims(res.dimensions(), 4, w_h, &d, 3); err.failure()) return err;
-  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
-  const int64_t I = x.dimensions()[2], BT = B * T;
-  const float* py = gys.typed_data();
-  const float* pres = res.typed_data();
-  const float* php = h_prev.typed_data();
-  const float* pwh = w_h.typed_data();
-  const bool* pm = mask.typed_data();
-  float* gh = gh0->typed_data();
-  std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
-  // Cotangents of gi (input side) and gh (recurrent side) for all steps.
-  Work pzi_work(3, 2 * BT * G);
-  float* pzi = pzi_work.data();
-  float* pzh = pzi + BT * G;
-  Work back_work(1, B * H);
+// Steps end - 1 down to begin of the GRU's BPTT from h_prev and res at `rows`: the running
+// cotangent gh of the carry goes back through them; the cotangents of gi (input side) and gh
+// (recurrent side) of each step go to dzi and dzh (., 3H) at `rows`.
+void GruBackSteps(const GruPass& p, int64_t begin, int64_t end, const float* gys,
+                  const float* h_prev, const float* res, Rows rows, float* dzi, float* dzh,
+                  float* gh) {
+  const int64_t B = p.B, T = p.T, H = p.H, G = 3 * H;
+  Work back_work(1, B * H);  // slot 1 as the forward steps': never live at once
   float* back = back_work.data();
-
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = reverse ? T - 1 - s : s;
+  for (int64_t s = end - 1; s >= begin; --s) {
+    const int64_t t = Position(s, T, p.reverse);
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t at = b * T + t;
-      float* __restrict__ zi = pzi + at * G;
-      float* __restrict__ zh = pzh + at * G;
-      if (!pm[at]) {
+      const int64_t at = rows(b, t);
+      float* __restrict__ zi = dzi + at * G;
+      float* __restrict__ zh = dzh + at * G;
+      if (!p.mask[b * T + t]) {
         std::memset(zi, 0, sizeof(float) * G);
         std::memset(zh, 0, sizeof(float) * G);
         continue;
       }
-      const float* __restrict__ r = pres + at * 4 * H;
-      const float* __restrict__ yb = py + at * H;
-      const float* __restrict__ hp = php + at * H;
+      const float* __restrict__ r = res + at * 4 * H;
+      const float* __restrict__ yb = gys + (b * T + t) * H;
+      const float* __restrict__ hp = h_prev + at * H;
       float* __restrict__ ghb = gh + b * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
@@ -935,20 +1017,317 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
       }
     }
     if (H > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, pzh + t * G, T * G, pwh, G, 0.0f,
-              back, H);
+      g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, dzh + rows(0, t) * G, rows.stride * G,
+              p.w_h, G, 0.0f, back, H);
     }
     for (int64_t b = 0; b < B; ++b) {
-      if (!pm[b * T + t]) continue;
+      if (!p.mask[b * T + t]) continue;
       float* __restrict__ ghb = gh + b * H;
       const float* __restrict__ bk = back + b * H;
       for (int64_t j = 0; j < H; ++j) ghb[j] += bk[j];
     }
   }
-  WeightGradients(BT, I, G, x.typed_data(), pzi, w_i.typed_data(), need_dx, gx->typed_data(),
-                  gw_i->typed_data(), gb_i->typed_data());
-  WeightGradients(BT, H, G, php, pzh, nullptr, false, nullptr, gw_h->typed_data(),
-                  gb_h->typed_data());
+}
+
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                          ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
+                          ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::PRED> mask, bool reverse, bool save, bool dense,
+                          int64_t checkpoint, ffi::ResultBuffer<ffi::F32> ys,
+                          ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> h_prev,
+                          ffi::ResultBuffer<ffi::F32> res) {
+  const bool checkpointed = save && checkpoint > 0;  // ys (B, 0, H): see LstmForwardImpl
+  Dims d;
+  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
+  auto xd = x.dimensions();
+  const int64_t B = d.batch, T = checkpointed && xd.size() == 3 ? xd[1] : d.steps;
+  const int64_t H = d.hidden;
+  if (xd.size() != 3 || xd[0] != B || xd[1] != T || w_i.dimensions()[0] != xd[2] ||
+      (checkpointed && d.steps != 0)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "rnnjax native GRU: expected x (B, T, I), w_i (I, 3H) and ys (B, T, H) "
+                      "((B, 0, H) for a checkpointed pass)");
+  }
+  const int64_t I = xd[2];
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    return DnnlThread::Run([&] {
+      return DnnlForward<GruCell>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
+                                  b_i.typed_data(), w_h.typed_data(), b_h.typed_data(),
+                                  h0.typed_data(), nullptr, ys->typed_data(),
+                                  h_last->typed_data(), nullptr, res->typed_data(),
+                                  res->size_bytes());
+    });
+#else
+    return NoDnnl();
+#endif
+  }
+  float* ckpt = nullptr;
+  if (checkpointed) {
+    if (auto err = CheckCheckpoints(res->dimensions(), B, T, checkpoint, H); err.failure()) {
+      return err;
+    }
+    ckpt = res->typed_data();
+    save = false;  // no per-step residuals
+  }
+  float* h = h_last->typed_data();
+  std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
+  const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
+                  b_i.typed_data(), w_h.typed_data(), b_h.typed_data()};
+  GruSteps(p, 0, T, h, checkpointed ? nullptr : ys->typed_data(),
+           save ? h_prev->typed_data() : nullptr,
+           save ? res->typed_data() : nullptr, Rows{T, 0}, ckpt, checkpoint);
+  return ffi::Error::Success();
+}
+
+// BPTT of the GRU: cotangents of x, W_i, b_i, W_h, b_h and h0 from those of ys and h_last.
+ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_last,
+                           ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                           ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
+                           ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> ys,
+                           ffi::Buffer<ffi::F32> h_last, ffi::Buffer<ffi::F32> h_prev,
+                           ffi::Buffer<ffi::F32> res, bool reverse, bool need_dx, bool dense,
+                           int64_t checkpoint, ffi::ResultBuffer<ffi::F32> gx,
+                           ffi::ResultBuffer<ffi::F32> gw_i, ffi::ResultBuffer<ffi::F32> gb_i,
+                           ffi::ResultBuffer<ffi::F32> gw_h, ffi::ResultBuffer<ffi::F32> gb_h,
+                           ffi::ResultBuffer<ffi::F32> gh0) {
+  Dims d;
+  if (auto err = CheckDims(gys.dimensions(), 1, w_h, &d, 3); err.failure()) return err;
+  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H;
+  const int64_t I = x.dimensions()[2], BT = B * T;
+  if (dense) {
+#ifdef RNNJAX_WITH_DNNL
+    const DnnlGrads g{gx->typed_data(),   gw_i->typed_data(), gb_i->typed_data(),
+                      gw_h->typed_data(), gb_h->typed_data(), gh0->typed_data(),
+                      nullptr};
+    return DnnlThread::Run([&] {
+      return DnnlBackward<GruCell>(B, T, I, H, reverse, gys.typed_data(), gh_last.typed_data(),
+                                   nullptr, x.typed_data(), w_i.typed_data(), b_i.typed_data(),
+                                   w_h.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr,
+                                   ys.typed_data(), h_last.typed_data(), nullptr,
+                                   res.typed_data(), g);
+    });
+#else
+    return NoDnnl();
+#endif
+  }
+  float* gh = gh0->typed_data();
+  std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
+  const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
+                  b_i.typed_data(), w_h.typed_data(), b_h.typed_data()};
+  if (checkpoint <= 0) {
+    if (auto err = CheckDims(res.dimensions(), 4, w_h, &d, 3); err.failure()) return err;
+    // Cotangents of gi (input side) and gh (recurrent side) for all steps.
+    Work dz_work(3, 2 * BT * G);
+    float* dzi = dz_work.data();
+    float* dzh = dzi + BT * G;
+    GruBackSteps(p, 0, T, gys.typed_data(), h_prev.typed_data(), res.typed_data(), Rows{T, 0},
+                 dzi, dzh, gh);
+    WeightGradients(BT, I, G, x.typed_data(), dzi, w_i.typed_data(), need_dx, gx->typed_data(),
+                    gw_i->typed_data(), gb_i->typed_data());
+    WeightGradients(BT, H, G, h_prev.typed_data(), dzh, nullptr, false, nullptr,
+                    gw_h->typed_data(), gb_h->typed_data());
+    return ffi::Error::Success();
+  }
+  const int64_t k = checkpoint, S = (T + k - 1) / k;
+  if (auto err = CheckCheckpoints(res.dimensions(), B, T, k, H); err.failure()) return err;
+  Work seg_work(3, B * k * (2 * G + H + 4 * H) + B * H);  // dzi, dzh, h_prev, res; the carry
+  float* dzi = seg_work.data();
+  float* dzh = dzi + B * k * G;
+  float* hp = dzh + B * k * G;
+  float* rs = hp + B * k * H;
+  float* h = rs + B * k * 4 * H;
+  std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
+  std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
+  std::memset(gb_i->typed_data(), 0, sizeof(float) * G);
+  std::memset(gb_h->typed_data(), 0, sizeof(float) * G);
+  for (int64_t index = S - 1; index >= 0; --index) {
+    const Segment seg = SegmentOf(index, k, T, reverse);
+    const int64_t n = seg.n();
+    const Rows rows{n, seg.first};
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(h + b * H, res.typed_data() + (b * S + index) * H, sizeof(float) * H);
+    }
+    GruSteps(p, seg.begin, seg.end, h, nullptr, hp, rs, rows, nullptr, k);
+    GruBackSteps(p, seg.begin, seg.end, gys.typed_data(), hp, rs, rows, dzi, dzh, gh);
+    WeightGradients(B * n, H, G, hp, dzh, nullptr, false, nullptr, gw_h->typed_data(),
+                    gb_h->typed_data(), true);
+    for (int64_t b = 0; b < B; ++b) {  // the segment's rows of x and gx are n rows per example
+      const int64_t at = (b * T + seg.first) * I;
+      WeightGradients(n, I, G, x.typed_data() + at, dzi + b * n * G, w_i.typed_data(), need_dx,
+                      gx->typed_data() + at, gw_i->typed_data(), gb_i->typed_data(), true);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+
+// ------------------------------------------------------------------------------ replay
+// The outputs ys of a checkpointed forward pass, recomputed from its checkpoints ckpt
+// (B, S, width). Each segment starts from its own carry, so all segments advance together:
+// step j of every segment is one matmul over (segments x B) rows, in chunks of segments that
+// keep the working arrays near kReplayFloats. It is a call of its own, apart from the pass that
+// makes the checkpoints, so that ys is a custom call's only output: XLA computes a cotangent
+// that is elementwise in ys (sum(ys ** 2), a squared error) in place over such an output, and
+// beside it when ys is one element of a tuple (measured: 256 MiB more at T = 65,536, B = 4,
+// H = 256).
+constexpr int64_t kReplayFloats = int64_t{8} << 20;
+
+// The rows of one chunk: segment `first + i` of example b is row i * B + b.
+struct Chunk {
+  int64_t first, count;
+};
+
+// Segments per chunk for rows of `row_floats` working floats each.
+int64_t ChunkSegments(int64_t B, int64_t S, int64_t row_floats) {
+  return std::max<int64_t>(1, std::min(S, kReplayFloats / std::max<int64_t>(1, B * row_floats)));
+}
+
+// Calls step(chunk, j) for every chunk of segments and every step j the chunk has.
+template <class Step>
+void Replay(int64_t B, int64_t T, int64_t k, int64_t row_floats, Step step) {
+  const int64_t S = (T + k - 1) / k, per_chunk = ChunkSegments(B, S, row_floats);
+  for (int64_t first = 0; first < S; first += per_chunk) {
+    const Chunk chunk{first, std::min(per_chunk, S - first)};
+    for (int64_t j = 0; j < k && chunk.first * k + j < T; ++j) step(chunk, j);
+  }
+}
+
+// The LSTM's ys from checkpoints [h, c] (B, S, 2H).
+ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
+                          ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> ckpt, bool reverse,
+                          int64_t checkpoint, ffi::ResultBuffer<ffi::F32> ys) {
+  Dims d;
+  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d); err.failure()) return err;
+  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H, I = x.dimensions()[2];
+  const int64_t K = I + H, k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
+  if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, 2 * H); err.failure()) return err;
+  Work w_work(0, K * G);
+  const float* w = Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G);
+  const int64_t row_floats = K + G + 2 * H;
+  const int64_t rows_max = B * ChunkSegments(B, S, row_floats);
+  Work work(1, rows_max * row_floats);
+  float* xh = work.data();
+  float* z = xh + rows_max * K;
+  float* h = z + rows_max * G;
+  float* c = h + rows_max * H;
+  std::vector<float> r(6 * H);
+  const float* px = x.typed_data();
+  const float* pc = ckpt.typed_data();
+  const bool* pm = mask.typed_data();
+  float* py = ys->typed_data();
+  Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
+    const int64_t R = chunk.count * B;
+    for (int64_t i = 0; i < chunk.count; ++i) {
+      const int64_t s = (chunk.first + i) * k + j;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = i * B + b;
+        if (j == 0) {
+          const float* at = pc + (b * S + chunk.first + i) * 2 * H;
+          std::memcpy(h + row * H, at, sizeof(float) * H);
+          std::memcpy(c + row * H, at + H, sizeof(float) * H);
+        }
+        // A segment that has ended (the last one may be short) computes on its stale row.
+        const int64_t t = Position(std::min(s, T - 1), T, reverse);
+        std::memcpy(xh + row * K, px + (b * T + t) * I, sizeof(float) * I);
+        std::memcpy(xh + row * K + I, h + row * H, sizeof(float) * H);
+        std::memcpy(z + row * G, bias.typed_data(), sizeof(float) * G);
+      }
+    }
+    if (K > 0) g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
+    for (int64_t i = 0; i < chunk.count; ++i) {
+      const int64_t s = (chunk.first + i) * k + j;
+      if (s >= T) continue;
+      const int64_t t = Position(s, T, reverse);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = i * B + b;
+        float* __restrict__ cb = c + row * H;
+        float* __restrict__ hb = h + row * H;
+        float* __restrict__ yb = py + (b * T + t) * H;
+        Cell(z + row * G, cb, r.data(), H);
+        if (pm[b * T + t]) {
+          for (int64_t q = 0; q < H; ++q) {
+            cb[q] = r[H + q] * r[4 * H + q] + r[q] * r[2 * H + q];
+            hb[q] = r[3 * H + q] * r[5 * H + q];
+          }
+          std::memcpy(yb, hb, sizeof(float) * H);
+        } else {
+          std::memset(yb, 0, sizeof(float) * H);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The GRU's ys from checkpoints h (B, S, H).
+ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                         ffi::Buffer<ffi::F32> b_i, ffi::Buffer<ffi::F32> w_h,
+                         ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::PRED> mask,
+                         ffi::Buffer<ffi::F32> ckpt, bool reverse, int64_t checkpoint,
+                         ffi::ResultBuffer<ffi::F32> ys) {
+  Dims d;
+  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
+  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H, I = x.dimensions()[2];
+  const int64_t k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
+  if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, H); err.failure()) return err;
+  const int64_t row_floats = I + 2 * G + H;
+  const int64_t rows_max = B * ChunkSegments(B, S, row_floats);
+  Work work(1, rows_max * row_floats);
+  float* xr = work.data();
+  float* gi = xr + rows_max * I;
+  float* gh = gi + rows_max * G;
+  float* h = gh + rows_max * G;
+  std::vector<float> r(4 * H);
+  const float* px = x.typed_data();
+  const float* pc = ckpt.typed_data();
+  const bool* pm = mask.typed_data();
+  float* py = ys->typed_data();
+  Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
+    const int64_t R = chunk.count * B;
+    for (int64_t i = 0; i < chunk.count; ++i) {
+      const int64_t s = (chunk.first + i) * k + j;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = i * B + b;
+        if (j == 0) {
+          std::memcpy(h + row * H, pc + (b * S + chunk.first + i) * H, sizeof(float) * H);
+        }
+        const int64_t t = Position(std::min(s, T - 1), T, reverse);
+        std::memcpy(xr + row * I, px + (b * T + t) * I, sizeof(float) * I);
+        std::memcpy(gi + row * G, b_i.typed_data(), sizeof(float) * G);
+        std::memcpy(gh + row * G, b_h.typed_data(), sizeof(float) * G);
+      }
+    }
+    if (I > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, I, 1.0f, xr, I, w_i.typed_data(), G, 1.0f,
+              gi, G);
+    }
+    if (H > 0) {
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, H, 1.0f, h, H, w_h.typed_data(), G, 1.0f, gh,
+              G);
+    }
+    for (int64_t i = 0; i < chunk.count; ++i) {
+      const int64_t s = (chunk.first + i) * k + j;
+      if (s >= T) continue;
+      const int64_t t = Position(s, T, reverse);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = i * B + b;
+        float* __restrict__ hb = h + row * H;
+        float* __restrict__ yb = py + (b * T + t) * H;
+        GruGates(gi + row * G, gh + row * G, r.data(), H);
+        if (pm[b * T + t]) {
+          for (int64_t q = 0; q < H; ++q) {
+            hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
+          }
+          std::memcpy(yb, hb, sizeof(float) * H);
+        } else {
+          std::memset(yb, 0, sizeof(float) * H);
+        }
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -966,6 +1345,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLstmForward, LstmForwardImpl,
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
                                   .Attr<bool>("dense")
+                                  .Attr<int64_t>("checkpoint")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_last
                                   .Ret<ffi::Buffer<ffi::F32>>()   // c_last
@@ -993,6 +1373,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLstmBackward, LstmBackwardImpl,
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("need_dx")
                                   .Attr<bool>("dense")
+                                  .Attr<int64_t>("checkpoint")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gx
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gw_i
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gb
@@ -1013,6 +1394,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruForward, GruForwardImpl,
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
                                   .Attr<bool>("dense")
+                                  .Attr<int64_t>("checkpoint")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_last
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_prev
@@ -1037,12 +1419,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruBackward, GruBackwardImpl,
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("need_dx")
                                   .Attr<bool>("dense")
+                                  .Attr<int64_t>("checkpoint")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gx
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gw_i
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gb_i
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gw_h
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gb_h
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gh0
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLstmReplay, LstmReplayImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ckpt
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("checkpoint")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruReplay, GruReplayImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_i
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_h
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ckpt
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("checkpoint")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
 );
 
 extern "C" {

@@ -7,6 +7,13 @@ it, runs it once to warm up and ``repeats`` times more to time it, and prints on
 Modes: ``"none"`` (``remat=False``), ``"step"`` (``remat=True``), ``"sqrt"``
 (``remat="sqrt"``) and an int such as ``64`` (``remat=64``).
 
+Kernels (``kernels=``): ``"native"`` (the default) measures the cell as ``rj.cells.<cell>(H)``
+builds it: the LSTM and GRU run rnnjax's compiled CPU kernels, which checkpoint the carry and
+recompute segments themselves under ``remat`` (the Elman cell has no kernels and runs its step
+scan either way); ``"scan"`` forces the step-by-step ``lax.scan``
+(``cell._replace(sequence=None)``), where ``remat`` is ``jax.checkpoint`` around scanned
+segments.
+
 Losses (``loss=``):
 
 - ``"outputs"`` (the default): ``sum(ys ** 2)`` over every output of every step and example,
@@ -14,7 +21,8 @@ Losses (``loss=``):
 - ``"outputs_in_scan"``: the same number, with each step's term ``sum(y_t ** 2)`` computed inside
   the scanned step (the cell's output becomes that scalar), so the ``(T, B, H)`` outputs and
   their cotangent are never stored: a readout inside the scan, the way to run BPTT over very
-  long sequences when the loss is a sum over steps.
+  long sequences when the loss is a sum over steps. (That cell is a new ``rj.Cell`` of the
+  step alone, so it runs the step scan whatever ``kernels`` says.)
 - ``"final"``: ``sum(h_T ** 2)``, the last hidden state only (many-to-one).
 """
 
@@ -37,10 +45,13 @@ from rnnjax.bench._machine import machine_info
 SUITE = "memory"
 CELLS = ("lstm", "gru", "elman")
 LOSSES = ("outputs", "outputs_in_scan", "final")
+KERNELS = ("native", "scan")
 NAMED_MODES = {"none": False, "step": True, "sqrt": "sqrt"}
 METHODOLOGY = {
     "process": "one fresh Python process per (T, mode); the persistent compilation cache is off",
     "inputs": "params from cell.init; xs (batch, T, input_size) float32 drawn with numpy",
+    "kernels": "native: the cell as rj.cells builds it (LSTM/GRU: rnnjax's CPU kernels, "
+    "checkpointed under remat); scan: cell._replace(sequence=None), the step's lax.scan",
     "loss": "outputs: sum(ys ** 2) over every step and example, from the stacked ys; "
     "outputs_in_scan: the same sum, each step's sum(y_t ** 2) computed inside the scanned step; "
     "final: sum(h_T ** 2); the batch is jax.vmap over rnnjax.scan(cell, params, x, remat=...)",
@@ -112,9 +123,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = _peak_rss_bytes()
 
     steps, remat = spec["T"], remat_of(spec["mode"])
-    # The step's lax.scan in every mode: "none" is its plain BPTT, not the native kernels (which
-    # store seven H-sized values per step and take no remat).
-    cell = getattr(rj.cells, spec["cell"])(spec["hidden"])._replace(sequence=None)
+    cell = getattr(rj.cells, spec["cell"])(spec["hidden"])
+    if spec["kernels"] == "scan":
+        cell = cell._replace(sequence=None)
     params = cell.init(jax.random.key(0), spec["input_size"])
     # numpy draws the inputs: jax.random would hold several xs-sized temporaries at once.
     rng = np.random.default_rng(1)
@@ -208,6 +219,7 @@ def memory(
     loss: str = "outputs",
     repeats: int = 3,
     command: str | None = None,
+    kernels: str = "native",
 ) -> dict[str, Any]:
     """Peak memory and time of one BPTT gradient per sequence length and remat mode.
 
@@ -231,6 +243,8 @@ def memory(
       loss: ``"outputs"``, ``"outputs_in_scan"`` or ``"final"`` (see the module docstring).
       repeats: timed runs per process.
       command: what made this result, for the record (default: this Python call).
+      kernels: ``"native"`` (the cell as built) or ``"scan"`` (the step scan; see the module
+        docstring).
 
     Returns:
       ``{"suite": "memory", "schema", "command", "config", "machine", "methodology",
@@ -240,6 +254,10 @@ def memory(
         raise ValueError(f"memory expects cell to be one of {', '.join(CELLS)}; got {cell!r}")
     if loss not in LOSSES:
         raise ValueError(f"memory expects loss to be one of {', '.join(LOSSES)}; got {loss!r}")
+    if kernels not in KERNELS:
+        raise ValueError(
+            f"memory expects kernels to be one of {', '.join(KERNELS)}; got {kernels!r}"
+        )
     lengths = [_positive_int("each length", t) for t in lengths]
     if not lengths:
         raise ValueError("memory expects at least one sequence length")
@@ -252,9 +270,10 @@ def memory(
         "batch": _positive_int("batch", batch),
         "input_size": _positive_int("input_size", input_size), "modes": modes,
         "timeout": float(timeout), "loss": loss, "repeats": _positive_int("repeats", repeats),
-        "dtype": "float32",
+        "dtype": "float32", "kernels": kernels,
     }  # fmt: skip
-    common = {k: config[k] for k in ("cell", "hidden", "batch", "input_size", "loss", "repeats")}
+    keys = ("cell", "hidden", "batch", "input_size", "loss", "repeats", "kernels")
+    common = {k: config[k] for k in keys}
     results = []
     for steps in lengths:
         for mode, remat in zip(modes, remats, strict=True):
@@ -327,7 +346,7 @@ def plot_memory(result: dict[str, Any], path: str | os.PathLike) -> None:
     c = result["config"]
     fig.suptitle(
         f"BPTT memory: {c['cell']} H={c['hidden']} batch={c['batch']} I={c['input_size']}, "
-        f"loss={c['loss']}"
+        f"loss={c['loss']}, kernels={c.get('kernels', 'scan')}"
     )
     fig.tight_layout()
     fig.savefig(Path(path), dpi=120)

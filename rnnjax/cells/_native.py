@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -80,33 +81,47 @@ def _workspace(res) -> bool:
     return res.ndim == 2 and res.shape[1] > 0
 
 
-def _kept(cell, x, w_h, h_prev, res, *, reverse, save, dense):
+def checkpoints(entering, k: int, *, reverse: bool):
+    """The carry entering every ``k``-th step of a pass, ``(B, ceil(T / k), W)``, from the carry
+    entering each step, ``entering (B, T, W)`` (steps count in the pass's order)."""
+    t = np.arange(0, entering.shape[1], k)
+    return entering[:, entering.shape[1] - 1 - t if reverse else t]
+
+
+def _kept(cell, x, w_h, h_prev, res, entering, *, reverse, save, dense, checkpoint):
     """The residuals a forward reference returns: ``(h_prev, res)`` as computed when they are
-    saved for rnnjax's own kernels; both empty, ``(B, 0)``, for inference; and when oneDNN runs
-    the pass an empty ``h_prev`` and ``res`` of oneDNN's workspace shape, ``(B, W)``, left zero
-    (the references recompute what they need from the inputs instead)."""
+    saved for rnnjax's own kernels; both empty, ``(B, 0)``, for inference; with ``checkpoint``
+    k > 0 an empty ``h_prev`` and in ``res`` the :func:`checkpoints` of the carry ``entering``
+    each step; and when oneDNN runs the pass an empty ``h_prev`` and ``res`` of oneDNN's
+    workspace shape, ``(B, W)``, left zero (the references recompute what they need from the
+    inputs instead)."""
+    empty = jnp.zeros((x.shape[0], 0), x.dtype)
+    if save and checkpoint:
+        return empty, checkpoints(entering, checkpoint, reverse=reverse)
     onednn = save and uses_onednn(cell, x.shape[0], w_h.shape[0], save=save, dense=dense)
     if save and not onednn:
         return h_prev, res
-    empty = jnp.zeros((x.shape[0], 0), x.dtype)
     if not onednn:
         return empty, empty
     nbytes = _native.workspace_bytes(cell, x.shape[1], x.shape[2], w_h.shape[0], bool(reverse))
     return empty, jnp.zeros((x.shape[0], -(-nbytes // 4)), x.dtype)
 
 
-def _saved(forward, inputs, h_prev, res, *, reverse):
+def _saved(forward, inputs, h_prev, res, *, reverse, checkpoint):
     """``(h_prev, res)`` as a tangent or backward reference uses them: recomputed with the
-    cell's ``forward`` reference over its ``inputs`` when ``res`` is oneDNN's workspace."""
-    if _workspace(res):
+    cell's ``forward`` reference over its ``inputs`` when ``res`` holds checkpoints or oneDNN's
+    workspace."""
+    if checkpoint or _workspace(res):
         return tuple(forward(*inputs, reverse=reverse)[-2:])
     return h_prev, res
 
 
-def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense=False):
+def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense=False,
+                      checkpoint=0):  # fmt: skip
     """``(ys, h_last, c_last, h_prev, res)`` of the masked LSTM over ``x (B, T, I)``; without
-    ``save`` (inference) ``h_prev`` and ``res`` are empty, ``(B, 0)``; when oneDNN runs the
-    pass (``dense``: no mask; :func:`uses_onednn`) ``h_prev`` is empty and ``res`` holds its
+    ``save`` (inference) ``h_prev`` and ``res`` are empty, ``(B, 0)``; with ``checkpoint`` k > 0
+    ``h_prev`` is empty and ``res`` holds ``[h, c]`` entering every k-th step; when oneDNN runs
+    the pass (``dense``: no mask; :func:`uses_onednn`) ``h_prev`` is empty and ``res`` holds its
     workspace."""
 
     def body(carry, inputs):
@@ -125,7 +140,9 @@ def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense
 
     (h, c), (ys, h_prev, res) = lax.scan(body, (h0, c0), _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    h_prev, res = _kept("lstm", x, w_h, h_prev, res, reverse=reverse, save=save, dense=dense)
+    entering = jnp.concatenate([h_prev, _gates(res)[4]], axis=-1)
+    h_prev, res = _kept("lstm", x, w_h, h_prev, res, entering, reverse=reverse, save=save,
+                        dense=dense, checkpoint=checkpoint)  # fmt: skip
     return ys, h, c, h_prev, res
 
 
@@ -147,11 +164,13 @@ def _gate_tangents(dx, dw_i, db, dw_h, x, w_i, h_prev):
 
 
 def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, b, w_h, h0, c0, mask, ys, h, c,
-                      h_prev, res, *, reverse):  # fmt: skip
+                      h_prev, res, *, reverse, checkpoint=0):  # fmt: skip
     """The recurrence's tangent, linear in ``(dx, dW_i, db, dW_h, dh0, dc0)``, at the forward
     pass whose inputs and outputs follow: ``(dys, dh_last, dc_last)``."""
     inputs = (x, w_i, b, w_h, h0, c0, mask)
-    h_prev, res = _saved(forward_reference, inputs, h_prev, res, reverse=reverse)
+    h_prev, res = _saved(
+        forward_reference, inputs, h_prev, res, reverse=reverse, checkpoint=checkpoint
+    )
     dz = _gate_tangents(dx, dw_i, db, dw_h, x, w_i, h_prev)
 
     def body(carry, inputs):
@@ -170,12 +189,14 @@ def tangent_reference(dx, dw_i, db, dw_h, dh0, dc0, x, w_i, b, w_h, h0, c0, mask
 
 
 def backward_reference(gys, gh_last, gc_last, x, w_i, b, w_h, h0, c0, mask, ys, h, c, h_prev, res,
-                       *, reverse, need_dx):  # fmt: skip
+                       *, reverse, need_dx, checkpoint=0):  # fmt: skip
     """The transpose of :func:`tangent_reference` (backpropagation through time): the
     cotangents ``(gx, gW_i, gb, gW_h, gh0, gc0)`` from those of ``(ys, h_last, c_last)``.
     ``need_dx=False`` may leave ``gx`` unset (zero here)."""
     inputs = (x, w_i, b, w_h, h0, c0, mask)
-    h_prev, res = _saved(forward_reference, inputs, h_prev, res, reverse=reverse)
+    h_prev, res = _saved(
+        forward_reference, inputs, h_prev, res, reverse=reverse, checkpoint=checkpoint
+    )
 
     def body(carry, inputs):
         gh, gc = carry
@@ -206,9 +227,11 @@ def backward_reference(gys, gh_last, gc_last, x, w_i, b, w_h, h0, c0, mask, ys, 
     return gx, gw_i, gb, gw_h, gh, gc
 
 
-def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True, dense=False):
+def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True, dense=False,
+                          checkpoint=0):  # fmt: skip
     """``(ys, h_last, h_prev, res)`` of the masked reset-after GRU, ``res = [r, z, n, gh_n]``
-    with ``gh_n = h W_hn + b_hn``; without ``save`` ``h_prev`` and ``res`` are ``(B, 0)``."""
+    with ``gh_n = h W_hn + b_hn``; without ``save`` ``h_prev`` and ``res`` are ``(B, 0)``; with
+    ``checkpoint`` as :func:`forward_reference` (``res`` holds ``h``)."""
 
     def body(h, inputs):
         x_t, m = inputs
@@ -223,15 +246,18 @@ def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True
 
     h, (ys, h_prev, res) = lax.scan(body, h0, _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    h_prev, res = _kept("gru", x, w_h, h_prev, res, reverse=reverse, save=save, dense=dense)
+    h_prev, res = _kept("gru", x, w_h, h_prev, res, h_prev, reverse=reverse, save=save,
+                        dense=dense, checkpoint=checkpoint)  # fmt: skip
     return ys, h, h_prev, res
 
 
 def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h, h0, mask, ys, h,
-                          h_prev, res, *, reverse):  # fmt: skip
+                          h_prev, res, *, reverse, checkpoint=0):  # fmt: skip
     """The GRU's tangent, linear in ``(dx, dW_i, db_i, dW_h, db_h, dh0)``: ``(dys, dh_last)``."""
     inputs = (x, w_i, b_i, w_h, b_h, h0, mask)
-    h_prev, res = _saved(gru_forward_reference, inputs, h_prev, res, reverse=reverse)
+    h_prev, res = _saved(
+        gru_forward_reference, inputs, h_prev, res, reverse=reverse, checkpoint=checkpoint
+    )
     dgi = dx @ w_i + x @ dw_i + db_i
     dgh_w = h_prev @ dw_h + db_h
 
@@ -254,10 +280,12 @@ def gru_tangent_reference(dx, dw_i, db_i, dw_h, db_h, dh0, x, w_i, b_i, w_h, b_h
 
 
 def gru_backward_reference(gys, gh_last, x, w_i, b_i, w_h, b_h, h0, mask, ys, h, h_prev, res, *,
-                           reverse, need_dx):  # fmt: skip
+                           reverse, need_dx, checkpoint=0):  # fmt: skip
     """The transpose of :func:`gru_tangent_reference`: ``(gx, gW_i, gb_i, gW_h, gb_h, gh0)``."""
     inputs = (x, w_i, b_i, w_h, b_h, h0, mask)
-    h_prev, res = _saved(gru_forward_reference, inputs, h_prev, res, reverse=reverse)
+    h_prev, res = _saved(
+        gru_forward_reference, inputs, h_prev, res, reverse=reverse, checkpoint=checkpoint
+    )
 
     def body(gh, inputs):
         gy, hp, r_t, m = inputs
@@ -394,27 +422,27 @@ def _kernels(name, n_weights, n_state, forward_ref, tangent_ref, backward_ref) -
         n_state,
     )
 
-    def tangent_transpose(cts, *args, reverse):
+    def tangent_transpose(cts, *args, reverse, checkpoint=0):
         linear, rest = args[:n_tangent], args[n_tangent:]
         if any(ad.is_undefined_primal(a) for a in rest):
             raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
         out = kernels.backward.bind(
             *[ad.instantiate_zeros(ct) for ct in cts], *rest,
-            reverse=reverse, need_dx=ad.is_undefined_primal(linear[0]),
+            reverse=reverse, need_dx=ad.is_undefined_primal(linear[0]), checkpoint=checkpoint,
         )  # fmt: skip
         picked = [
             o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
         ]
         return picked + [None] * len(rest)
 
-    def backward_transpose(cts, *args, reverse, need_dx):
+    def backward_transpose(cts, *args, reverse, need_dx, checkpoint=0):
         linear, rest = args[: 1 + n_state], args[1 + n_state :]
         if any(ad.is_undefined_primal(a) for a in rest):
             raise NotImplementedError(f"rnnjax {name}: transpose with respect to a primal value")
         cts = [ad.instantiate_zeros(ct) for ct in cts]
         if not need_dx:  # gx was not computed: it carries nothing back
             cts[0] = jnp.zeros_like(cts[0])
-        out = kernels.tangent.bind(*cts, *rest, reverse=reverse)
+        out = kernels.tangent.bind(*cts, *rest, reverse=reverse, checkpoint=checkpoint)
         picked = [
             o if ad.is_undefined_primal(a) else None for o, a in zip(out, linear, strict=True)
         ]
@@ -437,19 +465,43 @@ GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_ba
 INFERENCE_MAX_UNITS = 16384
 
 
-def _forward_lowering(cell: str, prim: Primitive):
+def _forward_lowering(cell: str, prim: Primitive, n_weights: int):
     native = jax.ffi.ffi_lowering(prim.name)
+    replay = jax.ffi.ffi_lowering(f"rnnjax_{cell}_replay")
     loop = mlir.lower_fun(reference(prim), multiple_results=True)
 
-    def lowering(ctx, *args, reverse, save, dense):
+    def checkpointed(ctx, *args, reverse, checkpoint):
+        """A checkpointed forward pass as two calls: the pass that makes the checkpoints, the
+        final carry and no ys, then the replay that recomputes ys from the checkpoints as its
+        only output (which lets XLA write an elementwise cotangent of ys in place; see Replay in
+        rnn_cpu.cc)."""
+        ys = ctx.avals_out[0]
+        no_ys = ys.update(shape=(ys.shape[0], 0, ys.shape[2]))
+        out = native(
+            ctx.replace(avals_out=[no_ys, *ctx.avals_out[1:]]), *args,
+            reverse=reverse, save=True, dense=False, checkpoint=checkpoint,
+        )  # fmt: skip
+        picked = [0, *range(1, 1 + n_weights), len(args) - 1]  # x, weights, mask
+        replay_ctx = ctx.replace(
+            avals_in=[*(ctx.avals_in[i] for i in picked), ctx.avals_out[-1]], avals_out=[ys]
+        )
+        (ys_value,) = replay(
+            replay_ctx, *(args[i] for i in picked), out[-1],
+            reverse=reverse, checkpoint=checkpoint,
+        )  # fmt: skip
+        return [ys_value, *out[1:]]
+
+    def lowering(ctx, *args, reverse, save, dense, checkpoint=0):
+        if save and checkpoint:
+            return checkpointed(ctx, *args, reverse=reverse, checkpoint=checkpoint)
         batch, hidden = ctx.avals_in[0].shape[0], ctx.avals_in[3].shape[0]
         if save:  # the abstract evaluation chose, and shaped the residuals accordingly
             onednn = _workspace(ctx.avals_out[-1])
         else:
             onednn = uses_onednn(cell, batch, hidden, save=save, dense=dense)
         if not save and not onednn and batch * hidden >= INFERENCE_MAX_UNITS:
-            return loop(ctx, *args, reverse=reverse, save=save, dense=dense)
-        return native(ctx, *args, reverse=reverse, save=save, dense=onednn)
+            return loop(ctx, *args, reverse=reverse, save=save, dense=dense, checkpoint=checkpoint)
+        return native(ctx, *args, reverse=reverse, save=save, dense=onednn, checkpoint=checkpoint)
 
     return lowering
 
@@ -457,9 +509,11 @@ def _forward_lowering(cell: str, prim: Primitive):
 def _backward_lowering(prim: Primitive):
     native = jax.ffi.ffi_lowering(prim.name)
 
-    def lowering(ctx, *args, reverse, need_dx):
+    def lowering(ctx, *args, reverse, need_dx, checkpoint=0):
         onednn = _workspace(ctx.avals_in[-1])
-        return native(ctx, *args, reverse=reverse, need_dx=need_dx, dense=onednn)
+        return native(
+            ctx, *args, reverse=reverse, need_dx=need_dx, dense=onednn, checkpoint=checkpoint
+        )
 
     return lowering
 
@@ -467,7 +521,7 @@ def _backward_lowering(prim: Primitive):
 @functools.cache
 def _register_native_lowerings() -> None:
     for kernels in (LSTM, GRU):
-        forward = _forward_lowering(kernels.name, kernels.forward)
+        forward = _forward_lowering(kernels.name, kernels.forward, kernels.n_weights)
         mlir.register_lowering(kernels.forward, forward, platform="cpu")
         mlir.register_lowering(
             kernels.backward, _backward_lowering(kernels.backward), platform="cpu"
@@ -512,20 +566,31 @@ def ready() -> bool:
 # ----------------------------------------------------------------------------- the recurrence
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2, 3))
-def recurrence(kernels: Kernels, args: tuple, reverse: bool, dense: bool):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2, 3, 4))
+def recurrence(kernels: Kernels, args: tuple, reverse: bool, dense: bool, checkpoint: int):
     """``(ys, *state_last)`` of a cell over ``args = (x (B, T, I), *weights, *state0, mask)``;
-    ``dense``: the mask is all True and oneDNN may run the passes (:func:`uses_onednn`)."""
-    out = kernels.forward.bind(*args, reverse=reverse, save=False, dense=dense)
+    ``dense``: the mask is all True and oneDNN may run the passes (:func:`uses_onednn`);
+    ``checkpoint`` k > 0: differentiated, the forward pass keeps the carry every k steps only
+    and the backward pass recomputes each k-step segment (rnnjax's own loops)."""
+    out = kernels.forward.bind(*args, reverse=reverse, save=False, dense=dense, checkpoint=0)
     return tuple(out[: 1 + kernels.n_state])
 
 
 @recurrence.defjvp
-def _recurrence_jvp(kernels, reverse, dense, primals, tangents):
+def _recurrence_jvp(kernels, reverse, dense, checkpoint, primals, tangents):
     (args,), (dargs,) = primals, tangents
-    out = kernels.forward.bind(*args, reverse=reverse, save=True, dense=dense)
-    tangent_out = kernels.tangent.bind(*dargs[:-1], *args, *out, reverse=reverse)
+    out = kernels.forward.bind(
+        *args, reverse=reverse, save=True, dense=dense, checkpoint=checkpoint
+    )
     n = 1 + kernels.n_state
+    # Only oneDNN's backward reads the forward's outputs; for rnnjax's loops an empty stand-in
+    # for ys lets XLA free ys once the loss has read it (and write its cotangent in place).
+    given = list(out)
+    if not _workspace(out[-1]):
+        given[0] = jnp.zeros((args[0].shape[0], 0), args[0].dtype)
+    tangent_out = kernels.tangent.bind(
+        *dargs[:-1], *args, *given, reverse=reverse, checkpoint=checkpoint
+    )
     return tuple(out[:n]), tuple(tangent_out)
 
 
@@ -535,27 +600,30 @@ def _dense(xs, w_h, real) -> bool:
     return real is None and min(*xs.shape, w_h.shape[0]) > 0 and _native.onednn()
 
 
-def _run(kernels, weights, xs, state0, real, reverse):
+def _run(kernels, weights, xs, state0, real, reverse, remat):
+    from rnnjax.scan import _segment_steps
+
     w_i = weights[0]
     name = kernels.name
     check_step_input(name, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), w_i.shape[0])
     dense = _dense(xs, weights[2], real)
     mask = jnp.ones(xs.shape[:1], bool) if real is None else real
     args = (xs[None], *weights, *(s[None] for s in state0), mask[None])
-    return [o[0] for o in recurrence(kernels, args, bool(reverse), dense)]
+    checkpoint = _segment_steps(remat, xs.shape[0]) or 0
+    return [o[0] for o in recurrence(kernels, args, bool(reverse), dense, checkpoint)]
 
 
-def lstm_sequence(params: dict, xs, h0, c0, real, *, reverse: bool):
+def lstm_sequence(params: dict, xs, h0, c0, real, *, reverse: bool, remat=False):
     """One example: ``xs (T, I)`` -> ``(ys (T, H), h_last, c_last)``; ``real`` is the ``(T,)``
-    mask of real steps or None."""
+    mask of real steps or None; ``remat`` as :func:`rnnjax.scan`'s."""
     weights = (params["w_i"], params["b"], params["w_h"])
-    return tuple(_run(LSTM, weights, xs, (h0, c0), real, reverse))
+    return tuple(_run(LSTM, weights, xs, (h0, c0), real, reverse, remat))
 
 
-def gru_sequence(params: dict, xs, h0, real, *, reverse: bool):
+def gru_sequence(params: dict, xs, h0, real, *, reverse: bool, remat=False):
     """One example of the reset-after GRU: ``xs (T, I)`` -> ``(ys (T, H), h_last)``."""
     weights = (params["w_i"], params["b_i"], params["w_h"], params["b_h"])
-    return tuple(_run(GRU, weights, xs, (h0,), real, reverse))
+    return tuple(_run(GRU, weights, xs, (h0,), real, reverse, remat))
 
 
 # ----------------------------------------------------------------------------- cells
@@ -582,14 +650,15 @@ def check_native(cell_name: str, native, blockers: list[tuple[bool, str]]) -> bo
 
 
 def sequence_fn(cell_name: str, step_cell, native, run: Callable) -> Callable:
-    """A cell's ``sequence``: ``run(params, xs, carry, real, reverse) -> (carry, ys)`` on the
-    kernels when they can run, else the ``lax.scan`` of ``step_cell.step`` (with
-    ``native=True``, an error saying why, unless recurrent dropout asked for the step)."""
+    """A cell's ``sequence``: ``run(params, xs, carry, real, reverse, remat) -> (carry, ys)`` on
+    the kernels when they can run, else the ``lax.scan`` of ``step_cell.step`` under ``remat``
+    (with ``native=True``, an error saying why, unless recurrent dropout asked for the step)."""
 
-    def sequence(params, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None):
+    def sequence(params, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None,
+                 remat=False):  # fmt: skip
         arrays = (xs, *jax.tree.leaves(carry), *jax.tree.leaves(params))
         if recurrent_mask is None and ready() and float32(*arrays):
-            return run(params, xs, carry, real, reverse)
+            return run(params, xs, carry, real, reverse, remat)
         if native is True and recurrent_mask is None:
             explain(cell_name, *arrays)
         from rnnjax.scan import scan_steps
@@ -598,6 +667,8 @@ def sequence_fn(cell_name: str, step_cell, native, run: Callable) -> Callable:
         if recurrent_mask is not None:
             step = functools.partial(step_cell.step, recurrent_mask=recurrent_mask)
             cell = step_cell._replace(step=step)
-        return scan_steps(cell, params, xs, carry, real, reverse=reverse, unroll=unroll)
+        return scan_steps(
+            cell, params, xs, carry, real, reverse=reverse, unroll=unroll, remat=remat
+        )
 
     return sequence

@@ -117,8 +117,8 @@ def gru(
     if not use_native:
         return Cell(init, initial_carry, step, gru_sequence if fused else None)
 
-    def run(params, xs, h, real, reverse):
-        ys, h = native_kernels.gru_sequence(params, xs, h, real, reverse=reverse)
+    def run(params, xs, h, real, reverse, remat):
+        ys, h = native_kernels.gru_sequence(params, xs, h, real, reverse=reverse, remat=remat)
         return h, ys
 
     sequence = native_kernels.sequence_fn("gru", Cell(init, initial_carry, step), native, run)

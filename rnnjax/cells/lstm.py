@@ -160,8 +160,10 @@ def lstm(
     if not use_native:
         return Cell(init, initial_carry, step, lstm_sequence if fused else None)
 
-    def run(params, xs, carry, real, reverse):
-        ys, h, c = native_kernels.lstm_sequence(params, xs, carry.h, carry.c, real, reverse=reverse)
+    def run(params, xs, carry, real, reverse, remat):
+        ys, h, c = native_kernels.lstm_sequence(
+            params, xs, carry.h, carry.c, real, reverse=reverse, remat=remat
+        )
         return LSTMState(h, c), ys
 
     sequence = native_kernels.sequence_fn("lstm", Cell(init, initial_carry, step), native, run)
