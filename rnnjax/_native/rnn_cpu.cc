@@ -627,6 +627,24 @@ ffi::Error CheckCheckpoints(ffi::Span<const int64_t> ckpt, int64_t B, int64_t T,
   return ffi::Error::Success();
 }
 
+// A segment's share of the input-side gradients: x's rows of the segment (n per example,
+// gathered into xg (B n, I)) meet the gate cotangents dz (B n, G) in one matmul each way:
+// W_i's and the bias's gradients are added to gw_i and gb, and dz W_i^T goes to gx's rows.
+void SegmentInputGradients(int64_t B, int64_t T, int64_t I, int64_t G, Segment seg,
+                           const float* x, const float* dz, const float* w_i, bool need_dx,
+                           float* xg, float* gx, float* gw_i, float* gb) {
+  const int64_t n = seg.n();
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(xg + b * n * I, x + (b * T + seg.first) * I, sizeof(float) * n * I);
+  }
+  float* gxg = xg + B * n * I;
+  WeightGradients(B * n, I, G, xg, dz, w_i, need_dx, gxg, gw_i, gb, true);
+  if (!need_dx) return;
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(gx + (b * T + seg.first) * I, gxg + b * n * I, sizeof(float) * n * I);
+  }
+}
+
 // One direction's operands, as the LSTM's loops use them.
 struct LstmPass {
   int64_t B, T, I, H;
@@ -865,6 +883,8 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
   float* rs = hp + B * k * H;
   float* h = rs + B * k * 6 * H;
   float* c = h + B * H;
+  Work xg_work(4, 2 * B * k * I);  // the segment's x rows and their gradient
+  float* xg = xg_work.data();
   std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
   std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
   std::memset(gb->typed_data(), 0, sizeof(float) * G);
@@ -881,11 +901,8 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
     LstmBackSteps(p, seg.begin, seg.end, gys.typed_data(), rs, rows, dz, gh, gc);
     WeightGradients(B * n, H, G, hp, dz, nullptr, false, nullptr, gw_h->typed_data(), nullptr,
                     true);
-    for (int64_t b = 0; b < B; ++b) {  // the segment's rows of x and gx are n rows per example
-      const int64_t at = (b * T + seg.first) * I;
-      WeightGradients(n, I, G, x.typed_data() + at, dz + b * n * G, w_i.typed_data(), need_dx,
-                      gx->typed_data() + at, gw_i->typed_data(), gb->typed_data(), true);
-    }
+    SegmentInputGradients(B, T, I, G, seg, x.typed_data(), dz, w_i.typed_data(), need_dx, xg,
+                          gx->typed_data(), gw_i->typed_data(), gb->typed_data());
   }
   return ffi::Error::Success();
 }
@@ -1138,6 +1155,8 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
   float* hp = dzh + B * k * G;
   float* rs = hp + B * k * H;
   float* h = rs + B * k * 4 * H;
+  Work xg_work(4, 2 * B * k * I);  // the segment's x rows and their gradient
+  float* xg = xg_work.data();
   std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
   std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
   std::memset(gb_i->typed_data(), 0, sizeof(float) * G);
@@ -1153,11 +1172,8 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
     GruBackSteps(p, seg.begin, seg.end, gys.typed_data(), hp, rs, rows, dzi, dzh, gh);
     WeightGradients(B * n, H, G, hp, dzh, nullptr, false, nullptr, gw_h->typed_data(),
                     gb_h->typed_data(), true);
-    for (int64_t b = 0; b < B; ++b) {  // the segment's rows of x and gx are n rows per example
-      const int64_t at = (b * T + seg.first) * I;
-      WeightGradients(n, I, G, x.typed_data() + at, dzi + b * n * G, w_i.typed_data(), need_dx,
-                      gx->typed_data() + at, gw_i->typed_data(), gb_i->typed_data(), true);
-    }
+    SegmentInputGradients(B, T, I, G, seg, x.typed_data(), dzi, w_i.typed_data(), need_dx, xg,
+                          gx->typed_data(), gw_i->typed_data(), gb_i->typed_data());
   }
   return ffi::Error::Success();
 }
