@@ -26,6 +26,16 @@ gradients step by step; here each direction of the recurrence is one call. Per c
   :func:`rnnjax._native.workspace_bytes`), which only the kernels read: the references
   recompute the forward pass instead. Masked sequences (variable lengths) keep rnnjax's loops,
   which handle masks step by step.
+- Checkpointed mode (``rnnjax.scan(..., remat=...)``: ``checkpoint`` k > 0, rnnjax's loops
+  always): the differentiated forward pass saves only the carry entering every k-th step,
+  ``res (B, ceil(T/k), state width)``, and the backward pass runs the segments last to first,
+  recomputing each one's residuals from its checkpoint into k-step arrays before its BPTT
+  steps. Its lowering is two calls: the pass that makes the checkpoints and the final carry,
+  then a replay that recomputes ``ys`` from the checkpoints (all segments at once, one matmul
+  per step over segments x batch rows) as its only output, so that XLA can write an
+  elementwise cotangent of ``ys`` over it (it does not over one element of a call's tuple).
+  The tangent and backward primitives of a pass that keeps no ``ys`` for oneDNN get an empty
+  stand-in, so ``ys`` can be freed once the loss has read it.
 
 Values and derivatives equal the step-by-step :func:`rnnjax.scan` of ``rj.cells.lstm`` and
 ``rj.cells.gru`` within float32 rounding, and PyTorch's ``nn.LSTM``/``nn.GRU``

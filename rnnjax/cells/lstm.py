@@ -83,8 +83,10 @@ def lstm(
         can, that is when they are compiled and loaded (``rnnjax._native.available()``),
         JAX's default backend is the CPU, everything is float32 and the cell has no
         ``proj_size``, ``compute_dtype`` or ``fused``; otherwise, and for sequences with
-        ``reset`` flags, ``remat`` or recurrent dropout, the ``lax.scan`` of ``step`` runs,
-        with the same values and derivatives (to float32 rounding). ``True``: require them
+        ``reset`` flags or recurrent dropout, the ``lax.scan`` of ``step`` runs, with the
+        same values and derivatives (to float32 rounding). Under ``rnnjax.scan(...,
+        remat=...)`` the kernels checkpoint the carry every k steps and recompute each
+        segment in the backward pass themselves. ``True``: require them
         (errors say why they cannot run); ``False``: never. ``unroll`` has no effect on them,
         and forward-only passes with batch x hidden >= 16384 units per step run XLA's loop
         (measured faster there; BENCHMARKS.md).
