@@ -775,10 +775,10 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const int64_t B = d.batch, T = checkpointed && xd.size() == 3 ? xd[1] : d.steps;
   const int64_t H = d.hidden, G = 4 * H;
   if (xd.size() != 3 || xd[0] != B || xd[1] != T || w_i.dimensions()[0] != xd[2] ||
-      (checkpointed && d.steps != 0)) {
+      (checkpointed && (d.steps != 0 || dense))) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "rnnjax native LSTM: expected x (B, T, I), w_i (I, 4H) and ys (B, T, H) "
-                      "((B, 0, H) for a checkpointed pass)");
+                      "((B, 0, H) for a checkpointed pass, which is never dense)");
   }
   const int64_t I = xd[2];
   if (dense) {
@@ -1060,10 +1060,10 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const int64_t B = d.batch, T = checkpointed && xd.size() == 3 ? xd[1] : d.steps;
   const int64_t H = d.hidden;
   if (xd.size() != 3 || xd[0] != B || xd[1] != T || w_i.dimensions()[0] != xd[2] ||
-      (checkpointed && d.steps != 0)) {
+      (checkpointed && (d.steps != 0 || dense))) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "rnnjax native GRU: expected x (B, T, I), w_i (I, 3H) and ys (B, T, H) "
-                      "((B, 0, H) for a checkpointed pass)");
+                      "((B, 0, H) for a checkpointed pass, which is never dense)");
   }
   const int64_t I = xd[2];
   if (dense) {
@@ -1195,6 +1195,14 @@ struct Chunk {
   int64_t first, count;
 };
 
+ffi::Error CheckReplayInput(ffi::Span<const int64_t> x, const Dims& d) {
+  if (x.size() != 3 || x[0] != d.batch || x[1] != d.steps) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "rnnjax native replay: expected x (B, T, I) for ys (B, T, H)");
+  }
+  return ffi::Error::Success();
+}
+
 // Segments per chunk for rows of `row_floats` working floats each.
 int64_t ChunkSegments(int64_t B, int64_t S, int64_t row_floats) {
   return std::max<int64_t>(1, std::min(S, kReplayFloats / std::max<int64_t>(1, B * row_floats)));
@@ -1217,6 +1225,7 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                           int64_t checkpoint, ffi::ResultBuffer<ffi::F32> ys) {
   Dims d;
   if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d); err.failure()) return err;
+  if (auto err = CheckReplayInput(x.dimensions(), d); err.failure()) return err;
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H, I = x.dimensions()[2];
   const int64_t K = I + H, k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
   if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, 2 * H); err.failure()) return err;
@@ -1286,6 +1295,7 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                          ffi::ResultBuffer<ffi::F32> ys) {
   Dims d;
   if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
+  if (auto err = CheckReplayInput(x.dimensions(), d); err.failure()) return err;
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H, I = x.dimensions()[2];
   const int64_t k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
   if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, H); err.failure()) return err;
