@@ -1208,6 +1208,18 @@ int64_t ChunkSegments(int64_t B, int64_t S, int64_t row_floats) {
   return std::max<int64_t>(1, std::min(S, kReplayFloats / std::max<int64_t>(1, B * row_floats)));
 }
 
+// Calls fn(row, i, b, t, live) for each row of `chunk` at step j of its segments: segment
+// first + i, example b, position t; `live` is false where the segment has ended (the last one
+// may be short), and t is then clamped to a valid position for the row to compute on.
+template <class Fn>
+void ForRows(Chunk chunk, int64_t j, int64_t k, int64_t B, int64_t T, bool reverse, Fn fn) {
+  for (int64_t i = 0; i < chunk.count; ++i) {
+    const int64_t s = (chunk.first + i) * k + j;
+    const int64_t t = Position(std::min(s, T - 1), T, reverse);
+    for (int64_t b = 0; b < B; ++b) fn(i * B + b, i, b, t, s < T);
+  }
+}
+
 // Calls step(chunk, j) for every chunk of segments and every step j the chunk has.
 template <class Step>
 void Replay(int64_t B, int64_t T, int64_t k, int64_t row_floats, Step step) {
@@ -1244,45 +1256,34 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const bool* pm = mask.typed_data();
   float* py = ys->typed_data();
   Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
+    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
+      if (j == 0) {
+        const float* at = pc + (b * S + chunk.first + i) * 2 * H;
+        std::memcpy(h + row * H, at, sizeof(float) * H);
+        std::memcpy(c + row * H, at + H, sizeof(float) * H);
+      }
+      std::memcpy(xh + row * K, px + (b * T + t) * I, sizeof(float) * I);
+      std::memcpy(xh + row * K + I, h + row * H, sizeof(float) * H);
+      std::memcpy(z + row * G, bias.typed_data(), sizeof(float) * G);
+    });
     const int64_t R = chunk.count * B;
-    for (int64_t i = 0; i < chunk.count; ++i) {
-      const int64_t s = (chunk.first + i) * k + j;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = i * B + b;
-        if (j == 0) {
-          const float* at = pc + (b * S + chunk.first + i) * 2 * H;
-          std::memcpy(h + row * H, at, sizeof(float) * H);
-          std::memcpy(c + row * H, at + H, sizeof(float) * H);
-        }
-        // A segment that has ended (the last one may be short) computes on its stale row.
-        const int64_t t = Position(std::min(s, T - 1), T, reverse);
-        std::memcpy(xh + row * K, px + (b * T + t) * I, sizeof(float) * I);
-        std::memcpy(xh + row * K + I, h + row * H, sizeof(float) * H);
-        std::memcpy(z + row * G, bias.typed_data(), sizeof(float) * G);
-      }
-    }
     if (K > 0) g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
-    for (int64_t i = 0; i < chunk.count; ++i) {
-      const int64_t s = (chunk.first + i) * k + j;
-      if (s >= T) continue;
-      const int64_t t = Position(s, T, reverse);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = i * B + b;
-        float* __restrict__ cb = c + row * H;
-        float* __restrict__ hb = h + row * H;
-        float* __restrict__ yb = py + (b * T + t) * H;
-        Cell(z + row * G, cb, r.data(), H);
-        if (pm[b * T + t]) {
-          for (int64_t q = 0; q < H; ++q) {
-            cb[q] = r[H + q] * r[4 * H + q] + r[q] * r[2 * H + q];
-            hb[q] = r[3 * H + q] * r[5 * H + q];
-          }
-          std::memcpy(yb, hb, sizeof(float) * H);
-        } else {
-          std::memset(yb, 0, sizeof(float) * H);
+    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
+      if (!live) return;
+      float* __restrict__ cb = c + row * H;
+      float* __restrict__ hb = h + row * H;
+      float* __restrict__ yb = py + (b * T + t) * H;
+      Cell(z + row * G, cb, r.data(), H);
+      if (pm[b * T + t]) {
+        for (int64_t q = 0; q < H; ++q) {
+          cb[q] = r[H + q] * r[4 * H + q] + r[q] * r[2 * H + q];
+          hb[q] = r[3 * H + q] * r[5 * H + q];
         }
+        std::memcpy(yb, hb, sizeof(float) * H);
+      } else {
+        std::memset(yb, 0, sizeof(float) * H);
       }
-    }
+    });
   });
   return ffi::Error::Success();
 }
@@ -1312,20 +1313,15 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const bool* pm = mask.typed_data();
   float* py = ys->typed_data();
   Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
-    const int64_t R = chunk.count * B;
-    for (int64_t i = 0; i < chunk.count; ++i) {
-      const int64_t s = (chunk.first + i) * k + j;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = i * B + b;
-        if (j == 0) {
-          std::memcpy(h + row * H, pc + (b * S + chunk.first + i) * H, sizeof(float) * H);
-        }
-        const int64_t t = Position(std::min(s, T - 1), T, reverse);
-        std::memcpy(xr + row * I, px + (b * T + t) * I, sizeof(float) * I);
-        std::memcpy(gi + row * G, b_i.typed_data(), sizeof(float) * G);
-        std::memcpy(gh + row * G, b_h.typed_data(), sizeof(float) * G);
+    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
+      if (j == 0) {
+        std::memcpy(h + row * H, pc + (b * S + chunk.first + i) * H, sizeof(float) * H);
       }
-    }
+      std::memcpy(xr + row * I, px + (b * T + t) * I, sizeof(float) * I);
+      std::memcpy(gi + row * G, b_i.typed_data(), sizeof(float) * G);
+      std::memcpy(gh + row * G, b_h.typed_data(), sizeof(float) * G);
+    });
+    const int64_t R = chunk.count * B;
     if (I > 0) {
       g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, I, 1.0f, xr, I, w_i.typed_data(), G, 1.0f,
               gi, G);
@@ -1334,25 +1330,18 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
       g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, H, 1.0f, h, H, w_h.typed_data(), G, 1.0f, gh,
               G);
     }
-    for (int64_t i = 0; i < chunk.count; ++i) {
-      const int64_t s = (chunk.first + i) * k + j;
-      if (s >= T) continue;
-      const int64_t t = Position(s, T, reverse);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = i * B + b;
-        float* __restrict__ hb = h + row * H;
-        float* __restrict__ yb = py + (b * T + t) * H;
-        GruGates(gi + row * G, gh + row * G, r.data(), H);
-        if (pm[b * T + t]) {
-          for (int64_t q = 0; q < H; ++q) {
-            hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
-          }
-          std::memcpy(yb, hb, sizeof(float) * H);
-        } else {
-          std::memset(yb, 0, sizeof(float) * H);
-        }
+    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
+      if (!live) return;
+      float* __restrict__ hb = h + row * H;
+      float* __restrict__ yb = py + (b * T + t) * H;
+      GruGates(gi + row * G, gh + row * G, r.data(), H);
+      if (pm[b * T + t]) {
+        for (int64_t q = 0; q < H; ++q) hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
+        std::memcpy(yb, hb, sizeof(float) * H);
+      } else {
+        std::memset(yb, 0, sizeof(float) * H);
       }
-    }
+    });
   });
   return ffi::Error::Success();
 }
