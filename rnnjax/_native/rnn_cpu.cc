@@ -26,7 +26,10 @@
 // installed), the library also links oneDNN, whose RNN primitives run the "dense" mode: the
 // unmasked sequences Python chooses for it (see the oneDNN section below).
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -135,6 +138,18 @@ class Work {
 struct Dims {
   int64_t batch, steps, hidden;
 };
+
+// Asks the kernel to back the 2 MiB-aligned interior of an output array with huge pages, before
+// anything touches it. XLA maps a program's temporaries afresh for every run, so each call
+// faults in its outputs and oneDNN's workspace page by page (4 KiB each).
+void HugePages(void* data, size_t bytes) {
+  const char* v = std::getenv("RNNJAX_HUGEPAGES");
+  const bool on = v == nullptr || std::string(v) != "0";
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (on && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
 
 // `seq` is a (B, T, width * H) array, `w_h` the (H, gates * H) recurrent weights.
 ffi::Error CheckDims(ffi::Span<const int64_t> seq, int64_t width,
@@ -498,6 +513,8 @@ ffi::Error DnnlForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
       args[DNNL_ARG_DST_ITER_C] = Wrap(l.state, c_last);
     }
     if (save) args[DNNL_ARG_WORKSPACE] = Wrap(pd.workspace_desc(), res);
+    HugePages(ys, sizeof(float) * B * T * H);
+    if (save) HugePages(res, pd.workspace_desc().get_size());
     Run(p.fwd, args);
   } catch (const std::exception& e) {
     return DnnlError(Cell::kName, "forward", e);
@@ -566,6 +583,7 @@ ffi::Error DnnlBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse
       args[DNNL_ARG_DIFF_SRC_ITER_C] = Wrap(l.state, g.gc0);
       args[DNNL_ARG_DIFF_DST_ITER_C] = Wrap(l.state, gc_last);
     }
+    HugePages(g.gx, sizeof(float) * B * T * I);
     Run(p.bwd, args);
     if (!kGru) {
       Convert(p.out_dw_i, packed_di, Wrap(l.w_i, g.gw_i));
@@ -812,6 +830,9 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(),
                    Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G),
                    w_h.typed_data()};
+  HugePages(ys->typed_data(), ys->size_bytes());
+  HugePages(h_prev->typed_data(), h_prev->size_bytes());
+  HugePages(res->typed_data(), res->size_bytes());
   LstmSteps(p, 0, T, h, c, checkpointed ? nullptr : ys->typed_data(),
             save ? h_prev->typed_data() : nullptr,
             save ? res->typed_data() : nullptr, Rows{T, 0}, ckpt, checkpoint);
@@ -855,6 +876,7 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
     return NoDnnl();
 #endif
   }
+  HugePages(gx->typed_data(), gx->size_bytes());
   float* gh = gh0->typed_data();  // the running cotangent of the carry lives in the outputs
   float* gc = gc0->typed_data();
   std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
@@ -1091,6 +1113,9 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
   const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
                   b_i.typed_data(), w_h.typed_data(), b_h.typed_data()};
+  HugePages(ys->typed_data(), ys->size_bytes());
+  HugePages(h_prev->typed_data(), h_prev->size_bytes());
+  HugePages(res->typed_data(), res->size_bytes());
   GruSteps(p, 0, T, h, checkpointed ? nullptr : ys->typed_data(),
            save ? h_prev->typed_data() : nullptr,
            save ? res->typed_data() : nullptr, Rows{T, 0}, ckpt, checkpoint);
@@ -1129,6 +1154,7 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
     return NoDnnl();
 #endif
   }
+  HugePages(gx->typed_data(), gx->size_bytes());
   float* gh = gh0->typed_data();
   std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
   const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
@@ -1255,6 +1281,7 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const float* pc = ckpt.typed_data();
   const bool* pm = mask.typed_data();
   float* py = ys->typed_data();
+  HugePages(py, ys->size_bytes());
   Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
     ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
       if (j == 0) {
@@ -1312,6 +1339,7 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const float* pc = ckpt.typed_data();
   const bool* pm = mask.typed_data();
   float* py = ys->typed_data();
+  HugePages(py, ys->size_bytes());
   Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
     ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
       if (j == 0) {
