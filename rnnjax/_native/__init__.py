@@ -11,7 +11,11 @@ LSTMs and GRUs over unmasked sequences (:func:`onednn`).
 :func:`available` says whether the kernels are loaded (``RNNJAX_NATIVE=0`` in the environment
 switches them off); :func:`unavailable_reason` says why not. Cells use them on the CPU backend
 only when available, and otherwise run the same recurrence as ``lax.scan`` loops.
-``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off.
+``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off. ``RNNJAX_HUGEPAGES=0``
+(read by the kernels at every call) stops them asking Linux for huge pages behind the output
+arrays they are the first to write (``madvise(MADV_HUGEPAGE)``; XLA maps a program's
+temporaries afresh for every run, and faulting them in 4 KiB at a time cost 5-17% of a
+forward+backward pass at the benchmark's medium and large shapes).
 """
 
 from __future__ import annotations
