@@ -212,12 +212,13 @@ def test_cli_memory_runs_the_memory_suite(tmp_path, capsys):
     # A real run at a tiny size: one worker process per (T, mode), peak RSS read back.
     argv = ["bench", "memory", "--cell", "gru", "--lengths", "6", "--hidden", "4", "--batch",
             "2", "--input-size", "3", "--modes", "none,sqrt", "--loss", "final", "--timeout",
-            "120", "--out", str(tmp_path)]  # fmt: skip
+            "120", "--kernels", "scan", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "memory.json").read_text())
     assert result["command"].startswith("rnnjax bench memory --cell=gru")
-    assert "--loss=final" in result["command"]
+    assert "--loss=final" in result["command"] and "--kernels=scan" in result["command"]
     assert result["config"]["loss"] == "final" and result["config"]["cell"] == "gru"
+    assert result["config"]["kernels"] == "scan"
     rows = {row["mode"]: row for row in result["results"]}
     assert sorted(rows) == ["none", "sqrt"]
     for row in rows.values():
