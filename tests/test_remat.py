@@ -17,6 +17,7 @@ from test_scan import MASK, assert_tree_close, by_hand, nonzero_carry
 
 import rnnjax as rj
 from rnnjax.bench.memory import memory, plot_memory, remat_of
+from rnnjax.cells import _native as native_kernels
 
 # remat values over T = 6 steps: per step, k = 1, k dividing T (2 = "sqrt", 3), k not dividing T
 # (4: the last segment is padded), k = T (one segment) and k > T (clamped to T).
@@ -187,6 +188,8 @@ def test_checkpointing_shrinks_what_bptt_keeps(kernels):
     checkpointed gradient holds one copy of the outputs ys (their cotangent 2 ys is written
     over them: ys is the replay call's only output) plus the input gradient; the step scan's
     holds ys and 2 ys side by side."""
+    if kernels == "native" and not native_kernels.ready():
+        pytest.skip(f"no native kernels here: {native_kernels.unavailable_reason()}")
     cell = rj.cells.lstm(16)
     if kernels == "scan":
         cell = cell._replace(sequence=None)
