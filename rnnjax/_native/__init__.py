@@ -14,8 +14,9 @@ only when available, and otherwise run the same recurrence as ``lax.scan`` loops
 ``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off. ``RNNJAX_HUGEPAGES=0``
 (read by the kernels at every call) stops them asking Linux for huge pages behind the output
 arrays they are the first to write (``madvise(MADV_HUGEPAGE)``; XLA maps a program's
-temporaries afresh for every run, and faulting them in 4 KiB at a time cost 5-17% of a
-forward+backward pass at the benchmark's medium and large shapes).
+temporaries afresh for every run; with the advice 85% fewer page faults, and an LSTM
+forward+backward 1.05-1.17x faster at the benchmark's medium and large shapes, the GRU's within
+noise: BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ struct Dims {
 // faults in its outputs and oneDNN's workspace page by page (4 KiB each).
 void HugePages(void* data, size_t bytes) {
   const char* v = std::getenv("RNNJAX_HUGEPAGES");
-  const bool on = v == nullptr || std::string(v) != "0";
+  const bool on = v == nullptr || std::strcmp(v, "0") != 0;
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const auto end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
@@ -663,6 +663,57 @@ void SegmentInputGradients(int64_t B, int64_t T, int64_t I, int64_t G, Segment s
   }
 }
 
+// A forward pass's sizes from x (B, T, I), w_i (I, G H), w_h (H, G H) and ys (B, T, H). A
+// checkpointed pass (save with checkpoint k > 0) writes no ys, which is then (B, 0, H): the
+// replay call computes ys from its checkpoints; such a pass is never dense.
+struct ForwardDims {
+  int64_t B, T, I, H;
+};
+
+ffi::Error CheckForward(const char* cell, int64_t gates, const ffi::Buffer<ffi::F32>& x,
+                        const ffi::Buffer<ffi::F32>& w_i, const ffi::Buffer<ffi::F32>& w_h,
+                        ffi::Span<const int64_t> ys, bool checkpointed, bool dense,
+                        ForwardDims* f) {
+  Dims d;
+  if (auto err = CheckDims(ys, 1, w_h, &d, gates); err.failure()) return err;
+  auto xd = x.dimensions();
+  const int64_t T = checkpointed && xd.size() == 3 ? xd[1] : d.steps;
+  if (xd.size() != 3 || xd[0] != d.batch || xd[1] != T || w_i.dimensions()[0] != xd[2] ||
+      (checkpointed && (d.steps != 0 || dense))) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      std::string("rnnjax native ") + cell + ": expected x (B, T, I), w_i (I, " +
+                          std::to_string(gates) + "H) and ys (B, T, H) ((B, 0, H) for a " +
+                          "checkpointed pass, which is never dense)");
+  }
+  *f = {d.batch, T, xd[2], d.hidden};
+  return ffi::Error::Success();
+}
+
+// The arrays a forward pass of rnnjax's loops writes step by step (null: not written), each
+// first advised into huge pages: ys unless checkpointed; h_prev and res when every step is
+// saved; ckpt, the checkpoints (B, S, width) in res, when checkpointed.
+struct StepOutputs {
+  float *ys, *h_prev, *res, *ckpt;
+};
+
+ffi::Error OwnOutputs(bool save, int64_t checkpoint, int64_t B, int64_t T, int64_t width,
+                      ffi::ResultBuffer<ffi::F32>& ys, ffi::ResultBuffer<ffi::F32>& h_prev,
+                      ffi::ResultBuffer<ffi::F32>& res, StepOutputs* o) {
+  const bool checkpointed = save && checkpoint > 0;
+  if (checkpointed) {
+    if (auto err = CheckCheckpoints(res->dimensions(), B, T, checkpoint, width); err.failure()) {
+      return err;
+    }
+  }
+  HugePages(ys->typed_data(), ys->size_bytes());
+  HugePages(h_prev->typed_data(), h_prev->size_bytes());
+  HugePages(res->typed_data(), res->size_bytes());
+  const bool every_step = save && !checkpointed;
+  *o = {checkpointed ? nullptr : ys->typed_data(), every_step ? h_prev->typed_data() : nullptr,
+        every_step ? res->typed_data() : nullptr, checkpointed ? res->typed_data() : nullptr};
+  return ffi::Error::Success();
+}
+
 // One direction's operands, as the LSTM's loops use them.
 struct LstmPass {
   int64_t B, T, I, H;
@@ -784,21 +835,13 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                            ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> c_last,
                            ffi::ResultBuffer<ffi::F32> h_prev,
                            ffi::ResultBuffer<ffi::F32> res) {
-  // A checkpointed pass (save with checkpoint k > 0) writes no ys, which is (B, 0, H): the
-  // replay call computes ys from its checkpoints.
-  const bool checkpointed = save && checkpoint > 0;
-  Dims d;
-  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d); err.failure()) return err;
-  auto xd = x.dimensions();
-  const int64_t B = d.batch, T = checkpointed && xd.size() == 3 ? xd[1] : d.steps;
-  const int64_t H = d.hidden, G = 4 * H;
-  if (xd.size() != 3 || xd[0] != B || xd[1] != T || w_i.dimensions()[0] != xd[2] ||
-      (checkpointed && (d.steps != 0 || dense))) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "rnnjax native LSTM: expected x (B, T, I), w_i (I, 4H) and ys (B, T, H) "
-                      "((B, 0, H) for a checkpointed pass, which is never dense)");
+  ForwardDims f;
+  if (auto err = CheckForward("LSTM", 4, x, w_i, w_h, ys->dimensions(), save && checkpoint > 0,
+                              dense, &f);
+      err.failure()) {
+    return err;
   }
-  const int64_t I = xd[2];
+  const int64_t B = f.B, T = f.T, I = f.I, H = f.H, G = 4 * H;
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
     return DnnlThread::Run([&] {
@@ -811,13 +854,9 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return NoDnnl();
 #endif
   }
-  float* ckpt = nullptr;
-  if (checkpointed) {
-    if (auto err = CheckCheckpoints(res->dimensions(), B, T, checkpoint, 2 * H); err.failure()) {
-      return err;
-    }
-    ckpt = res->typed_data();
-    save = false;  // no per-step residuals
+  StepOutputs o;
+  if (auto err = OwnOutputs(save, checkpoint, B, T, 2 * H, ys, h_prev, res, &o); err.failure()) {
+    return err;
   }
   float* h = h_last->typed_data();  // the running carry lives in the outputs
   float* c = c_last->typed_data();
@@ -830,12 +869,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(),
                    Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G),
                    w_h.typed_data()};
-  HugePages(ys->typed_data(), ys->size_bytes());
-  HugePages(h_prev->typed_data(), h_prev->size_bytes());
-  HugePages(res->typed_data(), res->size_bytes());
-  LstmSteps(p, 0, T, h, c, checkpointed ? nullptr : ys->typed_data(),
-            save ? h_prev->typed_data() : nullptr,
-            save ? res->typed_data() : nullptr, Rows{T, 0}, ckpt, checkpoint);
+  LstmSteps(p, 0, T, h, c, o.ys, o.h_prev, o.res, Rows{T, 0}, o.ckpt, checkpoint);
   return ffi::Error::Success();
 }
 
@@ -1075,19 +1109,13 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                           int64_t checkpoint, ffi::ResultBuffer<ffi::F32> ys,
                           ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> h_prev,
                           ffi::ResultBuffer<ffi::F32> res) {
-  const bool checkpointed = save && checkpoint > 0;  // ys (B, 0, H): see LstmForwardImpl
-  Dims d;
-  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
-  auto xd = x.dimensions();
-  const int64_t B = d.batch, T = checkpointed && xd.size() == 3 ? xd[1] : d.steps;
-  const int64_t H = d.hidden;
-  if (xd.size() != 3 || xd[0] != B || xd[1] != T || w_i.dimensions()[0] != xd[2] ||
-      (checkpointed && (d.steps != 0 || dense))) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "rnnjax native GRU: expected x (B, T, I), w_i (I, 3H) and ys (B, T, H) "
-                      "((B, 0, H) for a checkpointed pass, which is never dense)");
+  ForwardDims f;
+  if (auto err = CheckForward("GRU", 3, x, w_i, w_h, ys->dimensions(), save && checkpoint > 0,
+                              dense, &f);
+      err.failure()) {
+    return err;
   }
-  const int64_t I = xd[2];
+  const int64_t B = f.B, T = f.T, I = f.I, H = f.H;
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
     return DnnlThread::Run([&] {
@@ -1101,24 +1129,15 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return NoDnnl();
 #endif
   }
-  float* ckpt = nullptr;
-  if (checkpointed) {
-    if (auto err = CheckCheckpoints(res->dimensions(), B, T, checkpoint, H); err.failure()) {
-      return err;
-    }
-    ckpt = res->typed_data();
-    save = false;  // no per-step residuals
+  StepOutputs o;
+  if (auto err = OwnOutputs(save, checkpoint, B, T, H, ys, h_prev, res, &o); err.failure()) {
+    return err;
   }
   float* h = h_last->typed_data();
   std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
   const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
                   b_i.typed_data(), w_h.typed_data(), b_h.typed_data()};
-  HugePages(ys->typed_data(), ys->size_bytes());
-  HugePages(h_prev->typed_data(), h_prev->size_bytes());
-  HugePages(res->typed_data(), res->size_bytes());
-  GruSteps(p, 0, T, h, checkpointed ? nullptr : ys->typed_data(),
-           save ? h_prev->typed_data() : nullptr,
-           save ? res->typed_data() : nullptr, Rows{T, 0}, ckpt, checkpoint);
+  GruSteps(p, 0, T, h, o.ys, o.h_prev, o.res, Rows{T, 0}, o.ckpt, checkpoint);
   return ffi::Error::Success();
 }
 
