@@ -54,7 +54,7 @@ def onednn_flags() -> list[str]:
         return []
     include = header.parent if header.parent.name != "dnnl" else header.parent.parent.parent
     return [
-        "-DRNNJAX_WITH_DNNL", f"-I{include}", f"-L{library.parent}", "-l:libdnnl.so.3",
+        "-DRNNJAX_WITH_DNNL", "-fopenmp", f"-I{include}", f"-L{library.parent}", "-l:libdnnl.so.3",
         f"-Wl,-rpath,{library.parent}",
     ]  # fmt: skip
 

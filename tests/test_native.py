@@ -104,10 +104,12 @@ def test_the_default_lstm_runs_the_kernels_forward_and_backward():
     assert "rnnjax_lstm" not in plain_hlo and "while" in plain_hlo
 
 
-def test_large_inference_runs_xla_loop_and_training_the_kernels():
-    """A masked forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS lowers to XLA's
-    loop (measured faster there than the own kernel); its gradient still runs the kernels, and
-    an unmasked one runs oneDNN (when built with it). Values agree in every case."""
+def test_large_steps_pick_their_loop():
+    """A masked forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS runs the kernels'
+    loop where they do their matmuls with oneDNN, and XLA's loop where they would use OpenBLAS
+    (measured faster there); its gradient runs the kernels either way. Unmasked, inference
+    runs oneDNN's RNN primitive (when built with it) and training rnnjax's loops, never the
+    primitive (ONEDNN_MIN_UNITS). Values agree in every case."""
     b, h = 128, native_kernels.INFERENCE_MAX_UNITS // 128
     cell = rj.cells.lstm(h)
     params = cell.init(jax.random.key(0), I)
@@ -121,7 +123,8 @@ def test_large_inference_runs_xla_loop_and_training_the_kernels():
         return jnp.sum(run(params, xs, lengths) ** 2)
 
     forward = _hlo(run, params, xs, lengths)
-    assert "rnnjax_lstm_forward" not in forward and "while" in forward
+    assert ("rnnjax_lstm_forward" in forward) == _native.onednn()
+    assert ("while" in forward) == (not _native.onednn())
     assert "rnnjax_lstm_forward" in _hlo(jax.grad(loss), params, xs, lengths)
     step = jax.vmap(lambda x: rj.scan(cell._replace(sequence=None), params, x)[1])(xs)
     assert_close(jax.jit(run)(params, xs, lengths), step)
@@ -131,14 +134,10 @@ def test_large_inference_runs_xla_loop_and_training_the_kernels():
 
     dense = _hlo(unmasked, params, xs)
     assert ("rnnjax_lstm_forward" in dense) == _native.onednn()
+    assert ("dense = true" in dense) == _native.onednn()
     assert_close(jax.jit(unmasked)(params, xs), step)
-    # Training too is large enough for oneDNN (ONEDNN_MIN_UNITS); the small sizes of the other
-    # tests run rnnjax's loops.
     grad = _hlo(jax.grad(lambda p, x: jnp.sum(unmasked(p, x) ** 2)), params, xs)
-    assert ("dense = true" in grad) == _native.onednn()
-    assert "dense = true" not in _hlo(
-        jax.grad(loss_of(batched_run(setup()[0], "full"))), *setup()[1:]
-    )
+    assert "rnnjax_lstm_backward" in grad and "dense = true" not in grad
 
 
 def test_which_cells_get_the_native_path():
@@ -271,6 +270,70 @@ def test_kernels_equal_the_reference_primitives(name, reverse, checkpoint, path)
 
     transpose = jax.linear_transpose(tangent, x, *weights, *state)
     assert_close(got, tuple(transpose(cts)))
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_loops_with_onednn_matmul_equal_openblas_and_the_references(name, monkeypatch):
+    """With a step of 4096 units or more (batch rows x hidden units) rnnjax's loops do their
+    matmuls with oneDNN (weights packed once per pass, the gates on all cores, on the oneDNN
+    thread); below, and with RNNJAX_ONEDNN_MATMUL=0 (read per call), OpenBLAS's sgemm. Both
+    ways give the references' values for the forward pass (saving every step, checkpoints, or
+    nothing), the backward pass and the replay of a remat scan, on padded sequences, both
+    directions."""
+    if not _native.onednn():
+        pytest.skip(f"rnnjax was built without oneDNN here: {_native.unavailable_reason()}")
+    kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
+    b, h, g = 512, 8, 4 if name == "lstm" else 3  # 4096 units
+    k = iter(jax.random.split(jax.random.key(5), 12))
+    x = jax.random.normal(next(k), (b, T, I))
+    w_i = 0.5 * jax.random.normal(next(k), (I, g * h))
+    w_h = 0.4 * jax.random.normal(next(k), (h, g * h))
+    biases = [0.1 * jax.random.normal(next(k), (g * h,)) for _ in range(kernels.n_weights - 2)]
+    weights = (w_i, biases[0], w_h, *biases[1:])
+    state = tuple(jax.random.normal(next(k), (kernels.n_state, b, h)))
+    mask = jax.random.uniform(next(k), (b, T)) > 0.3
+    args = (x, *weights, *state, mask)
+
+    def both(fn, *a):
+        """fn's outputs with oneDNN's matmul, after checking they equal OpenBLAS's."""
+        monkeypatch.setenv("RNNJAX_ONEDNN_MATMUL", "0")
+        blas = tuple(fn(*a))
+        monkeypatch.delenv("RNNJAX_ONEDNN_MATMUL")
+        dnnl = tuple(fn(*a))
+        assert_close(dnnl, blas)
+        return dnnl
+
+    for reverse in (False, True):
+        for save, checkpoint in ((True, 0), (True, 4), (False, 0)):
+            modes = {"reverse": reverse, "checkpoint": checkpoint}
+            forward = jax.jit(functools.partial(
+                kernels.forward.bind, save=save, dense=False, **modes))  # fmt: skip
+            out = both(forward, *args)
+            expected = native_kernels.reference(kernels.forward)(*args, save=save, dense=False,
+                                                                 **modes)  # fmt: skip
+            assert_close(out, tuple(expected))
+            if not save:
+                continue
+            cts = (jnp.sin(out[0]), *(0.3 * s for s in state))
+            bwd = jax.jit(functools.partial(kernels.backward.bind, need_dx=True, **modes))
+            got = both(bwd, *cts, *args, *out)
+            backward = native_kernels.reference(kernels.backward)
+            assert_close(got, tuple(backward(*cts, *args, *out, need_dx=True, **modes)))
+
+    cell = CELLS[name](h)
+    params = cell.init(jax.random.key(6), I)
+    lengths = jnp.asarray(np.arange(b) % (T + 1))
+
+    def loss(cell, params, x):
+        ys = jax.vmap(lambda x, n: rj.scan(cell, params, x, length=n, remat="sqrt")[1])(x, lengths)
+        return jnp.sum(jnp.sin(ys))
+
+    value_and_grad = jax.jit(jax.value_and_grad(functools.partial(loss, cell), (0, 1)))
+    hlo = value_and_grad.lower(params, x).compile().as_text()
+    assert f"rnnjax_{name}_replay" in hlo
+    plain = functools.partial(loss, cell._replace(sequence=None))
+    step = jax.jit(jax.value_and_grad(plain, (0, 1)))
+    assert_close(both(value_and_grad, params, x), tuple(step(params, x)))
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

@@ -26,6 +26,7 @@
 // installed), the library also links oneDNN, whose RNN primitives run the "dense" mode: the
 // unmasked sequences Python chooses for it (see the oneDNN section below).
 
+#include <strings.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -33,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -106,7 +108,7 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
 class Work {
  public:
   static constexpr size_t kKeepBytes = size_t{256} << 20;
-  static constexpr int kSlots = 13;
+  static constexpr int kSlots = 16;
 
   Work(int slot, size_t n) {
     n += kAlignFloats;  // room to start on a 64-byte boundary
@@ -139,12 +141,24 @@ struct Dims {
   int64_t batch, steps, hidden;
 };
 
+// Whether a switch in the environment is on: unset, or anything but 0, false, no, off (as
+// rnnjax._native reads them). Read per call, without allocating.
+bool EnvOn(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return true;
+  while (*v == ' ') ++v;
+  for (const char* off : {"0", "false", "no", "off"}) {
+    const size_t n = std::strlen(off);
+    if (strncasecmp(v, off, n) == 0 && (v[n] == '\0' || v[n] == ' ')) return false;
+  }
+  return true;
+}
+
 // Asks the kernel to back the 2 MiB-aligned interior of an output array with huge pages, before
 // anything touches it. XLA maps a program's temporaries afresh for every run, so each call
 // faults in its outputs and oneDNN's workspace page by page (4 KiB each).
 void HugePages(void* data, size_t bytes) {
-  const char* v = std::getenv("RNNJAX_HUGEPAGES");
-  const bool on = v == nullptr || std::strcmp(v, "0") != 0;
+  const bool on = EnvOn("RNNJAX_HUGEPAGES");
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const auto end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
@@ -172,35 +186,6 @@ ffi::Error CheckDims(ffi::Span<const int64_t> seq, int64_t width,
 ffi::Error NoDnnl() {
   return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                     "rnnjax native kernels: dense mode needs oneDNN, and this build has none");
-}
-
-// After a backward loop: from the gate cotangents dz (rows, G) of all steps and the inputs
-// `in` (rows, K) that met the weights W (K, G), the weight gradient in^T dz, the bias gradient
-// (column sums of dz; skipped when db is null) and, if `need_dx`, the input gradient dz W^T.
-// With `accumulate`, the weight and bias gradients are added to dw and db (a checkpointed
-// pass's segments); dx is written either way.
-void WeightGradients(int64_t rows, int64_t K, int64_t G, const float* in, const float* dz,
-                     const float* w, bool need_dx, float* dx, float* dw, float* db,
-                     bool accumulate = false) {
-  if (rows > 0 && K > 0) {
-    g_sgemm(kRowMajor, kTrans, kNoTrans, K, G, rows, 1.0f, in, K, dz, G, accumulate ? 1.0f : 0.0f,
-            dw, G);
-  } else if (!accumulate) {
-    std::memset(dw, 0, sizeof(float) * K * G);
-  }
-  if (db != nullptr) {
-    if (!accumulate) std::memset(db, 0, sizeof(float) * G);
-    for (int64_t row = 0; row < rows; ++row) {
-      const float* __restrict__ zr = dz + row * G;
-#pragma omp simd
-      for (int64_t j = 0; j < G; ++j) db[j] += zr[j];
-    }
-  }
-  if (need_dx && rows > 0 && K > 0) {
-    g_sgemm(kRowMajor, kNoTrans, kTrans, rows, K, G, 1.0f, dz, G, w, G, 0.0f, dx, K);
-  } else if (need_dx) {
-    std::memset(dx, 0, sizeof(float) * rows * K);
-  }
 }
 
 // ---------------------------------------------------------------------------- oneDNN (dense)
@@ -608,6 +593,177 @@ ffi::Error DnnlBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse
 }
 #endif  // RNNJAX_WITH_DNNL
 
+// ------------------------------------------------------------------ the own loops' matmuls
+// Whether a pass of rnnjax's own loops over B rows of H units does its matmuls with oneDNN: a
+// build with it, a step of at least kDnnlUnits (B x H), and neither RNNJAX_ONEDNN nor
+// RNNJAX_ONEDNN_MATMUL is 0 (read per call). Such a pass runs on the oneDNN thread: the per-step matmuls on weights packed once
+// per pass (StepGemm), the others with dnnl_sgemm, the per-row work spread over the same
+// OpenMP team (Parallel), and no OpenBLAS threads spin beside it. Smaller steps keep OpenBLAS
+// on the calling thread: a oneDNN matmul call costs ~5 us, OpenBLAS's 1.5-3 us at
+// (16, 32..64) @ (32..64, 192), and per step that is most of the work (a GRU
+// forward+backward at 16x256x32x64 took 9.2 ms vs 6.2 ms).
+constexpr int64_t kDnnlUnits = 4096;
+
+bool DnnlMatmul(int64_t B, int64_t H) {
+#ifdef RNNJAX_WITH_DNNL
+  return B * H >= kDnnlUnits && EnvOn("RNNJAX_ONEDNN") && EnvOn("RNNJAX_ONEDNN_MATMUL");
+#else
+  (void)B;
+  (void)H;
+  return false;
+#endif
+}
+
+// Runs a pass of the own loops where their matmuls want it: the oneDNN thread, or right here.
+ffi::Error OnMatmulThread(bool dnnl, const std::function<ffi::Error()>& pass) {
+#ifdef RNNJAX_WITH_DNNL
+  if (dnnl) return DnnlThread::Run(pass);
+#endif
+  return pass();
+}
+
+// Row-major C (m, n) = A op(B) + beta C, as cblas_sgemm with alpha 1.
+void Gemm(bool dnnl, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+#ifdef RNNJAX_WITH_DNNL
+  if (dnnl) {
+    dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, beta, c,
+               ldc);
+    return;
+  }
+#endif
+  g_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k, 1.0f, a,
+          lda, b, ldb, beta, c, ldc);
+}
+
+// The per-step matmul of a pass, C (M, N) = A (M, K) op(W) + beta C, with one W for the whole
+// pass: op(W) = W (K, N), or W^T of a (N, K) W (`trans`). With oneDNN, W is packed once into
+// its matmul kernels' blocked layout (Work `slot`) and each step runs a matmul primitive made
+// once per shape. OpenBLAS's sgemm packs both operands on every call: 64 steps of
+// (64, 512) @ (512, 1536) took 21 ms packed vs 31 ms with OpenBLAS, (32, 1024) @ W^T (256,
+// 1024)^T 8 vs 18 ms (2-core AVX-512 CPU, one process, BENCHMARKS.md).
+class StepGemm {
+ public:
+  StepGemm(bool dnnl, int slot, const float* w, int64_t K, int64_t N, bool trans, int64_t M,
+           int64_t lda, int64_t ldc, float beta)
+      : w_(w), K_(K), N_(N), M_(M), lda_(lda), ldc_(ldc), beta_(beta), trans_(trans) {
+#ifdef RNNJAX_WITH_DNNL
+    if (dnnl && M > 0 && K > 0 && N > 0) {
+      plan_ = &GetPlan(trans, M, K, N, lda, ldc, beta);
+      packed_work_ = std::make_unique<Work>(slot, Floats(plan_->pd.weights_desc()));
+      packed_ = memory(plan_->pd.weights_desc(), Engine(), packed_work_->data());
+      Convert(plan_->pack, Wrap(plan_->w, w), packed_);
+      src_ = memory(plan_->src, Engine(), nullptr);
+      dst_ = memory(plan_->dst, Engine(), nullptr);
+    }
+#endif
+  }
+
+  void operator()(const float* a, float* c) {
+    if (M_ == 0 || N_ == 0) return;
+#ifdef RNNJAX_WITH_DNNL
+    if (plan_ != nullptr) {
+      src_.set_data_handle(const_cast<float*>(a));
+      dst_.set_data_handle(c);
+      Run(plan_->matmul, {{DNNL_ARG_SRC, src_}, {DNNL_ARG_WEIGHTS, packed_}, {DNNL_ARG_DST, dst_}});
+      return;
+    }
+#endif
+    if (K_ == 0) {
+      if (beta_ == 0.0f) {
+        for (int64_t i = 0; i < M_; ++i) std::memset(c + i * ldc_, 0, sizeof(float) * N_);
+      }
+      return;
+    }
+    Gemm(false, false, trans_, M_, N_, K_, a, lda_, w_, trans_ ? K_ : N_, beta_, c, ldc_);
+  }
+
+ private:
+#ifdef RNNJAX_WITH_DNNL
+  struct Plan {
+    memory::desc src, w, dst;
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul matmul;
+    dnnl::reorder pack;
+  };
+
+  static Plan& GetPlan(bool trans, int64_t M, int64_t K, int64_t N, int64_t lda, int64_t ldc,
+                       float beta) {
+    static std::mutex mutex;
+    static std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, bool>,
+                    std::unique_ptr<Plan>>
+        plans;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto& plan = plans[{trans, M, K, N, lda, ldc, beta != 0.0f}];
+    if (!plan) {
+      plan = std::make_unique<Plan>();
+      plan->src = memory::desc({M, K}, kF32, memory::dims{lda, 1});
+      plan->w = trans ? memory::desc({K, N}, kF32, memory::dims{1, K})
+                      : memory::desc({K, N}, kF32, memory::dims{N, 1});
+      plan->dst = memory::desc({M, N}, kF32, memory::dims{ldc, 1});
+      dnnl::primitive_attr attr;
+      if (beta != 0.0f) {
+        dnnl::post_ops ops;
+        ops.append_sum(beta);
+        attr.set_post_ops(ops);
+      }
+      const memory::desc any({K, N}, kF32, Tag::any);
+      plan->pd = dnnl::matmul::primitive_desc(Engine(), plan->src, any, plan->dst, attr);
+      plan->matmul = dnnl::matmul(plan->pd);
+      plan->pack = Reorder(plan->w, plan->pd.weights_desc());
+    }
+    return *plan;
+  }
+
+  Plan* plan_ = nullptr;
+  std::unique_ptr<Work> packed_work_;
+  memory packed_, src_, dst_;
+#endif
+  const float* w_;
+  int64_t K_, N_, M_, lda_, ldc_;
+  float beta_;
+  bool trans_;
+};
+
+// After a backward loop: from the gate cotangents dz (rows, G) of all steps and the inputs
+// `in` (rows, K) that met the weights W (K, G), the weight gradient in^T dz, the bias gradient
+// (column sums of dz; skipped when db is null) and, if `need_dx`, the input gradient dz W^T.
+// With `accumulate`, the weight and bias gradients are added to dw and db (a checkpointed
+// pass's segments); dx is written either way.
+void WeightGradients(bool dnnl, int64_t rows, int64_t K, int64_t G, const float* in, const float* dz,
+                     const float* w, bool need_dx, float* dx, float* dw, float* db,
+                     bool accumulate = false) {
+  if (rows > 0 && K > 0) {
+    Gemm(dnnl, true, false, K, G, rows, in, K, dz, G, accumulate ? 1.0f : 0.0f, dw, G);
+  } else if (!accumulate) {
+    std::memset(dw, 0, sizeof(float) * K * G);
+  }
+  if (db != nullptr) {
+    if (!accumulate) std::memset(db, 0, sizeof(float) * G);
+    constexpr int64_t kColumns = 256;  // per task: all rows of a block of columns
+#pragma omp parallel for if (dnnl && rows * G >= (int64_t{1} << 16)) schedule(static)
+    for (int64_t first = 0; first < G; first += kColumns) {
+      const int64_t last = std::min(G, first + kColumns);
+      for (int64_t row = 0; row < rows; ++row) {
+        const float* __restrict__ zr = dz + row * G;
+        float* __restrict__ sum = db;
+#pragma omp simd
+        for (int64_t j = first; j < last; ++j) sum[j] += zr[j];
+      }
+    }
+  }
+  if (need_dx && rows > 0 && K > 0) {
+    Gemm(dnnl, false, true, rows, K, G, dz, G, w, G, 0.0f, dx, K);
+  } else if (need_dx) {
+    std::memset(dx, 0, sizeof(float) * rows * K);
+  }
+}
+
+// The own loops' per-row work (gates, copies) is spread over the oneDNN thread's OpenMP team
+// when their matmuls run there (DnnlMatmul); otherwise the other cores would wait for it
+// between the matmuls.
+inline bool Parallel(bool dnnl, int64_t B) { return dnnl && B > 1; }
+
 // ------------------------------------------------------------------------- rnnjax's own loops
 // A pass runs steps s = 0 .. T - 1 in its own order; step s is position t = s, or T - 1 - s
 // for a reverse pass. Per-step arrays of a pass (h_prev, res, the gate cotangents) put
@@ -648,7 +804,7 @@ ffi::Error CheckCheckpoints(ffi::Span<const int64_t> ckpt, int64_t B, int64_t T,
 // A segment's share of the input-side gradients: x's rows of the segment (n per example,
 // gathered into xg (B n, I)) meet the gate cotangents dz (B n, G) in one matmul each way:
 // W_i's and the bias's gradients are added to gw_i and gb, and dz W_i^T goes to gx's rows.
-void SegmentInputGradients(int64_t B, int64_t T, int64_t I, int64_t G, Segment seg,
+void SegmentInputGradients(bool dnnl, int64_t B, int64_t T, int64_t I, int64_t G, Segment seg,
                            const float* x, const float* dz, const float* w_i, bool need_dx,
                            float* xg, float* gx, float* gw_i, float* gb) {
   const int64_t n = seg.n();
@@ -656,7 +812,7 @@ void SegmentInputGradients(int64_t B, int64_t T, int64_t I, int64_t G, Segment s
     std::memcpy(xg + b * n * I, x + (b * T + seg.first) * I, sizeof(float) * n * I);
   }
   float* gxg = xg + B * n * I;
-  WeightGradients(B * n, I, G, xg, dz, w_i, need_dx, gxg, gw_i, gb, true);
+  WeightGradients(dnnl, B * n, I, G, xg, dz, w_i, need_dx, gxg, gw_i, gb, true);
   if (!need_dx) return;
   for (int64_t b = 0; b < B; ++b) {
     std::memcpy(gx + (b * T + seg.first) * I, gxg + b * n * I, sizeof(float) * n * I);
@@ -723,6 +879,7 @@ struct LstmPass {
   const float* bias;  // (4H)
   const float* w;     // [W_i; W_h], (I + H, 4H)
   const float* w_h;   // (H, 4H)
+  bool dnnl;          // matmuls with oneDNN (DnnlMatmul), on the oneDNN thread
 };
 
 // Steps [begin, end) of a forward pass from the carry (h, c), which they advance. Each of the
@@ -731,15 +888,18 @@ struct LstmPass {
 void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c, float* ys,
                float* h_prev, float* res, Rows rows, float* ckpt, int64_t k) {
   const int64_t B = p.B, T = p.T, I = p.I, H = p.H, G = 4 * H, K = I + H;
+  const bool par = Parallel(p.dnnl, B);
   const int64_t S = ckpt != nullptr ? (T + k - 1) / k : 0;
   Work xh_work(1, B * K);
   float* xh = xh_work.data();
   Work z_work(2, B * G);
   float* z = z_work.data();
-  std::vector<float> row(res != nullptr ? 0 : 6 * H);  // without res, one row's gates at a time
+  std::vector<float> rows_(res != nullptr ? 0 : B * 6 * H);  // without res: one step's gates
+  StepGemm stacked(p.dnnl, 13, p.w, K, G, false, B, K, G, 1.0f);
 
   for (int64_t s = begin; s < end; ++s) {
     const int64_t t = Position(s, T, p.reverse);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       if (ckpt != nullptr && s % k == 0) {
         float* at = ckpt + (b * S + s / k) * 2 * H;
@@ -751,11 +911,10 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
       std::memcpy(z + b * G, p.bias, sizeof(float) * G);
       if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
     }
-    if (K > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, K, 1.0f, xh, K, p.w, G, 1.0f, z, G);
-    }
+    stacked(xh, z);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 6 * H : row.data();
+      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 6 * H : rows_.data() + b * 6 * H;
       float* __restrict__ cb = c + b * H;
       float* __restrict__ hb = h + b * H;
       float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
@@ -780,10 +939,13 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
 void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* gys,
                    const float* res, Rows rows, float* dz, float* gh, float* gc) {
   const int64_t B = p.B, T = p.T, H = p.H, G = 4 * H;
+  const bool par = Parallel(p.dnnl, B);
   Work back_work(1, B * H);  // slot 1 as the forward steps': never live at once
   float* back = back_work.data();
+  StepGemm recurrent(p.dnnl, 15, p.w_h, G, H, true, B, rows.stride * G, H, 0.0f);
   for (int64_t s = end - 1; s >= begin; --s) {
     const int64_t t = Position(s, T, p.reverse);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const float* __restrict__ r = res + rows(b, t) * 6 * H;
       const float* __restrict__ yb = gys + (b * T + t) * H;
@@ -807,11 +969,9 @@ void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* g
         gcb[j] = dc * f;
       }
     }
-    if (H > 0) {
-      // back = dz_t @ W_h^T: the cotangent of h entering this step (dz_t rows are stride apart).
-      g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, dz + rows(0, t) * G, rows.stride * G,
-              p.w_h, G, 0.0f, back, H);
-    }
+    // back = dz_t @ W_h^T: the cotangent of h entering this step (dz_t rows are stride apart).
+    recurrent(dz + rows(0, t) * G, back);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       if (p.mask[b * T + t]) std::memcpy(gh + b * H, back + b * H, sizeof(float) * H);
     }
@@ -854,23 +1014,26 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return NoDnnl();
 #endif
   }
-  StepOutputs o;
-  if (auto err = OwnOutputs(save, checkpoint, B, T, 2 * H, ys, h_prev, res, &o); err.failure()) {
-    return err;
-  }
-  float* h = h_last->typed_data();  // the running carry lives in the outputs
-  float* c = c_last->typed_data();
-  std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
-  std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
-  // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias. (The
-  // input projections of all steps as one matmul before the loop, into a (B*T, 4H) buffer,
-  // measured no faster and slower at 16x256x32x64 in the bench harness.)
-  Work w_work(0, (I + H) * G);
-  const LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(),
-                   Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G),
-                   w_h.typed_data()};
-  LstmSteps(p, 0, T, h, c, o.ys, o.h_prev, o.res, Rows{T, 0}, o.ckpt, checkpoint);
-  return ffi::Error::Success();
+  const bool dnnl = DnnlMatmul(B, H);
+  return OnMatmulThread(dnnl, [&]() -> ffi::Error {
+    StepOutputs o;
+    if (auto err = OwnOutputs(save, checkpoint, B, T, 2 * H, ys, h_prev, res, &o); err.failure()) {
+      return err;
+    }
+    float* h = h_last->typed_data();  // the running carry lives in the outputs
+    float* c = c_last->typed_data();
+    std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
+    std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
+    // One matmul per step: [x_t, h] (B, I + H) @ [W_i; W_h] (I + H, 4H), onto the bias. (The
+    // input projections of all steps as one matmul before the loop, into a (B*T, 4H) buffer,
+    // measured no faster and slower at 16x256x32x64 in the bench harness.)
+    Work w_work(0, (I + H) * G);
+    const LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(),
+                     Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G),
+                     w_h.typed_data(), dnnl};
+    LstmSteps(p, 0, T, h, c, o.ys, o.h_prev, o.res, Rows{T, 0}, o.ckpt, checkpoint);
+    return ffi::Error::Success();
+  });
 }
 
 // The transpose of the LSTM's tangent (backpropagation through time): from the cotangents of
@@ -910,57 +1073,60 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
     return NoDnnl();
 #endif
   }
-  HugePages(gx->typed_data(), gx->size_bytes());
-  float* gh = gh0->typed_data();  // the running cotangent of the carry lives in the outputs
-  float* gc = gc0->typed_data();
-  std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
-  std::memcpy(gc, gc_last.typed_data(), sizeof(float) * B * H);
-  LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(), nullptr,
-             w_h.typed_data()};
-  if (checkpoint <= 0) {
-    if (auto err = CheckDims(res.dimensions(), 6, w_h, &d); err.failure()) return err;
-    Work dz_work(3, BT * G);  // the gate cotangents of all steps
-    float* dz = dz_work.data();
-    LstmBackSteps(p, 0, T, gys.typed_data(), res.typed_data(), Rows{T, 0}, dz, gh, gc);
-    // Weight gradients over all B*T rows at once (the bias gradient is b's, as b enters dz).
-    WeightGradients(BT, H, G, h_prev.typed_data(), dz, nullptr, false, nullptr,
-                    gw_h->typed_data(), nullptr);
-    WeightGradients(BT, I, G, x.typed_data(), dz, w_i.typed_data(), need_dx, gx->typed_data(),
-                    gw_i->typed_data(), gb->typed_data());
-    return ffi::Error::Success();
-  }
-  const int64_t k = checkpoint, S = (T + k - 1) / k;
-  if (auto err = CheckCheckpoints(res.dimensions(), B, T, k, 2 * H); err.failure()) return err;
-  Work w_work(0, (I + H) * G);
-  p.w = Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G);
-  Work seg_work(3, B * k * (G + H + 6 * H) + 2 * B * H);  // dz, h_prev, res; the carry
-  float* dz = seg_work.data();
-  float* hp = dz + B * k * G;
-  float* rs = hp + B * k * H;
-  float* h = rs + B * k * 6 * H;
-  float* c = h + B * H;
-  Work xg_work(4, 2 * B * k * I);  // the segment's x rows and their gradient
-  float* xg = xg_work.data();
-  std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
-  std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
-  std::memset(gb->typed_data(), 0, sizeof(float) * G);
-  for (int64_t index = S - 1; index >= 0; --index) {
-    const Segment seg = SegmentOf(index, k, T, reverse);
-    const int64_t n = seg.n();
-    const Rows rows{n, seg.first};
-    for (int64_t b = 0; b < B; ++b) {
-      const float* at = res.typed_data() + (b * S + index) * 2 * H;
-      std::memcpy(h + b * H, at, sizeof(float) * H);
-      std::memcpy(c + b * H, at + H, sizeof(float) * H);
+  const bool dnnl = DnnlMatmul(B, H);
+  return OnMatmulThread(dnnl, [&]() -> ffi::Error {
+    HugePages(gx->typed_data(), gx->size_bytes());
+    float* gh = gh0->typed_data();  // the running cotangent of the carry lives in the outputs
+    float* gc = gc0->typed_data();
+    std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
+    std::memcpy(gc, gc_last.typed_data(), sizeof(float) * B * H);
+    LstmPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), bias.typed_data(), nullptr,
+               w_h.typed_data(), dnnl};
+    if (checkpoint <= 0) {
+      if (auto err = CheckDims(res.dimensions(), 6, w_h, &d); err.failure()) return err;
+      Work dz_work(3, BT * G);  // the gate cotangents of all steps
+      float* dz = dz_work.data();
+      LstmBackSteps(p, 0, T, gys.typed_data(), res.typed_data(), Rows{T, 0}, dz, gh, gc);
+      // Weight gradients over all B*T rows at once (the bias gradient is b's, as b enters dz).
+      WeightGradients(p.dnnl, BT, H, G, h_prev.typed_data(), dz, nullptr, false, nullptr,
+                      gw_h->typed_data(), nullptr);
+      WeightGradients(p.dnnl, BT, I, G, x.typed_data(), dz, w_i.typed_data(), need_dx, gx->typed_data(),
+                      gw_i->typed_data(), gb->typed_data());
+      return ffi::Error::Success();
     }
-    LstmSteps(p, seg.begin, seg.end, h, c, nullptr, hp, rs, rows, nullptr, k);
-    LstmBackSteps(p, seg.begin, seg.end, gys.typed_data(), rs, rows, dz, gh, gc);
-    WeightGradients(B * n, H, G, hp, dz, nullptr, false, nullptr, gw_h->typed_data(), nullptr,
-                    true);
-    SegmentInputGradients(B, T, I, G, seg, x.typed_data(), dz, w_i.typed_data(), need_dx, xg,
-                          gx->typed_data(), gw_i->typed_data(), gb->typed_data());
-  }
-  return ffi::Error::Success();
+    const int64_t k = checkpoint, S = (T + k - 1) / k;
+    if (auto err = CheckCheckpoints(res.dimensions(), B, T, k, 2 * H); err.failure()) return err;
+    Work w_work(0, (I + H) * G);
+    p.w = Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G);
+    Work seg_work(3, B * k * (G + H + 6 * H) + 2 * B * H);  // dz, h_prev, res; the carry
+    float* dz = seg_work.data();
+    float* hp = dz + B * k * G;
+    float* rs = hp + B * k * H;
+    float* h = rs + B * k * 6 * H;
+    float* c = h + B * H;
+    Work xg_work(4, 2 * B * k * I);  // the segment's x rows and their gradient
+    float* xg = xg_work.data();
+    std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
+    std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
+    std::memset(gb->typed_data(), 0, sizeof(float) * G);
+    for (int64_t index = S - 1; index >= 0; --index) {
+      const Segment seg = SegmentOf(index, k, T, reverse);
+      const int64_t n = seg.n();
+      const Rows rows{n, seg.first};
+      for (int64_t b = 0; b < B; ++b) {
+        const float* at = res.typed_data() + (b * S + index) * 2 * H;
+        std::memcpy(h + b * H, at, sizeof(float) * H);
+        std::memcpy(c + b * H, at + H, sizeof(float) * H);
+      }
+      LstmSteps(p, seg.begin, seg.end, h, c, nullptr, hp, rs, rows, nullptr, k);
+      LstmBackSteps(p, seg.begin, seg.end, gys.typed_data(), rs, rows, dz, gh, gc);
+      WeightGradients(p.dnnl, B * n, H, G, hp, dz, nullptr, false, nullptr, gw_h->typed_data(), nullptr,
+                      true);
+      SegmentInputGradients(p.dnnl, B, T, I, G, seg, x.typed_data(), dz, w_i.typed_data(), need_dx, xg,
+                            gx->typed_data(), gw_i->typed_data(), gb->typed_data());
+    }
+    return ffi::Error::Success();
+  });
 }
 
 
@@ -980,6 +1146,7 @@ struct GruPass {
   const float* b_i;   // (3H)
   const float* w_h;   // (H, 3H)
   const float* b_h;   // (3H)
+  bool dnnl;          // matmuls with oneDNN (DnnlMatmul), on the oneDNN thread
 };
 
 // One row's gates from gi = x W_i + b_i and gh = h W_h + b_h (each 3H): r = [r, z, n, gh_n].
@@ -1004,6 +1171,7 @@ inline void GruGates(const float* __restrict__ a, const float* __restrict__ q,
 void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys, float* h_prev,
               float* res, Rows rows, float* ckpt, int64_t k) {
   const int64_t B = p.B, T = p.T, I = p.I, H = p.H, G = 3 * H;
+  const bool par = Parallel(p.dnnl, B);
   const int64_t S = ckpt != nullptr ? (T + k - 1) / k : 0;
   // Per step: gi = x_t W_i + b_i and gh = h W_h + b_h. (The input side of all steps as one
   // matmul before the loop measured 18% slower forward+backward at 32x128x64x256.)
@@ -1011,10 +1179,13 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
   float* gi = gi_work.data();
   Work gh_work(2, B * G);
   float* gh = gh_work.data();
-  std::vector<float> row(res != nullptr ? 0 : 4 * H);  // without res, one row's gates at a time
+  std::vector<float> rows_(res != nullptr ? 0 : B * 4 * H);  // without res: one step's gates
+  StepGemm input(p.dnnl, 13, p.w_i, I, G, false, B, T * I, G, 1.0f);
+  StepGemm recurrent(p.dnnl, 14, p.w_h, H, G, false, B, H, G, 1.0f);
 
   for (int64_t s = begin; s < end; ++s) {
     const int64_t t = Position(s, T, p.reverse);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       if (ckpt != nullptr && s % k == 0) {
         std::memcpy(ckpt + (b * S + s / k) * H, h + b * H, sizeof(float) * H);
@@ -1023,17 +1194,13 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
       std::memcpy(gh + b * G, p.b_h, sizeof(float) * G);
       if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
     }
-    if (I > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, I, 1.0f, p.x + t * I, T * I, p.w_i, G, 1.0f,
-              gi, G);
-    }
-    if (H > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, B, G, H, 1.0f, h, H, p.w_h, G, 1.0f, gh, G);
-    }
+    input(p.x + t * I, gi);
+    recurrent(h, gh);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const float* __restrict__ a = gi + b * G;
       const float* __restrict__ q = gh + b * G;
-      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 4 * H : row.data();
+      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 4 * H : rows_.data() + b * 4 * H;
       float* __restrict__ hb = h + b * H;
       float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
       GruGates(a, q, r, H);
@@ -1056,10 +1223,13 @@ void GruBackSteps(const GruPass& p, int64_t begin, int64_t end, const float* gys
                   const float* h_prev, const float* res, Rows rows, float* dzi, float* dzh,
                   float* gh) {
   const int64_t B = p.B, T = p.T, H = p.H, G = 3 * H;
+  const bool par = Parallel(p.dnnl, B);
   Work back_work(1, B * H);  // slot 1 as the forward steps': never live at once
   float* back = back_work.data();
+  StepGemm recurrent(p.dnnl, 15, p.w_h, G, H, true, B, rows.stride * G, H, 0.0f);
   for (int64_t s = end - 1; s >= begin; --s) {
     const int64_t t = Position(s, T, p.reverse);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t at = rows(b, t);
       float* __restrict__ zi = dzi + at * G;
@@ -1089,10 +1259,8 @@ void GruBackSteps(const GruPass& p, int64_t begin, int64_t end, const float* gys
         ghb[j] = dh * z;  // the direct path; the recurrent matmul's part is added below
       }
     }
-    if (H > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kTrans, B, H, G, 1.0f, dzh + rows(0, t) * G, rows.stride * G,
-              p.w_h, G, 0.0f, back, H);
-    }
+    recurrent(dzh + rows(0, t) * G, back);
+#pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       if (!p.mask[b * T + t]) continue;
       float* __restrict__ ghb = gh + b * H;
@@ -1129,16 +1297,19 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return NoDnnl();
 #endif
   }
-  StepOutputs o;
-  if (auto err = OwnOutputs(save, checkpoint, B, T, H, ys, h_prev, res, &o); err.failure()) {
-    return err;
-  }
-  float* h = h_last->typed_data();
-  std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
-  const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
-                  b_i.typed_data(), w_h.typed_data(), b_h.typed_data()};
-  GruSteps(p, 0, T, h, o.ys, o.h_prev, o.res, Rows{T, 0}, o.ckpt, checkpoint);
-  return ffi::Error::Success();
+  const bool dnnl = DnnlMatmul(B, H);
+  return OnMatmulThread(dnnl, [&]() -> ffi::Error {
+    StepOutputs o;
+    if (auto err = OwnOutputs(save, checkpoint, B, T, H, ys, h_prev, res, &o); err.failure()) {
+      return err;
+    }
+    float* h = h_last->typed_data();
+    std::memcpy(h, h0.typed_data(), sizeof(float) * B * H);
+    const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
+                    b_i.typed_data(), w_h.typed_data(), b_h.typed_data(), dnnl};
+    GruSteps(p, 0, T, h, o.ys, o.h_prev, o.res, Rows{T, 0}, o.ckpt, checkpoint);
+    return ffi::Error::Success();
+  });
 }
 
 // BPTT of the GRU: cotangents of x, W_i, b_i, W_h, b_h and h0 from those of ys and h_last.
@@ -1173,54 +1344,57 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
     return NoDnnl();
 #endif
   }
-  HugePages(gx->typed_data(), gx->size_bytes());
-  float* gh = gh0->typed_data();
-  std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
-  const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
-                  b_i.typed_data(), w_h.typed_data(), b_h.typed_data()};
-  if (checkpoint <= 0) {
-    if (auto err = CheckDims(res.dimensions(), 4, w_h, &d, 3); err.failure()) return err;
-    // Cotangents of gi (input side) and gh (recurrent side) for all steps.
-    Work dz_work(3, 2 * BT * G);
-    float* dzi = dz_work.data();
-    float* dzh = dzi + BT * G;
-    GruBackSteps(p, 0, T, gys.typed_data(), h_prev.typed_data(), res.typed_data(), Rows{T, 0},
-                 dzi, dzh, gh);
-    WeightGradients(BT, I, G, x.typed_data(), dzi, w_i.typed_data(), need_dx, gx->typed_data(),
-                    gw_i->typed_data(), gb_i->typed_data());
-    WeightGradients(BT, H, G, h_prev.typed_data(), dzh, nullptr, false, nullptr,
-                    gw_h->typed_data(), gb_h->typed_data());
-    return ffi::Error::Success();
-  }
-  const int64_t k = checkpoint, S = (T + k - 1) / k;
-  if (auto err = CheckCheckpoints(res.dimensions(), B, T, k, H); err.failure()) return err;
-  Work seg_work(3, B * k * (2 * G + H + 4 * H) + B * H);  // dzi, dzh, h_prev, res; the carry
-  float* dzi = seg_work.data();
-  float* dzh = dzi + B * k * G;
-  float* hp = dzh + B * k * G;
-  float* rs = hp + B * k * H;
-  float* h = rs + B * k * 4 * H;
-  Work xg_work(4, 2 * B * k * I);  // the segment's x rows and their gradient
-  float* xg = xg_work.data();
-  std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
-  std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
-  std::memset(gb_i->typed_data(), 0, sizeof(float) * G);
-  std::memset(gb_h->typed_data(), 0, sizeof(float) * G);
-  for (int64_t index = S - 1; index >= 0; --index) {
-    const Segment seg = SegmentOf(index, k, T, reverse);
-    const int64_t n = seg.n();
-    const Rows rows{n, seg.first};
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(h + b * H, res.typed_data() + (b * S + index) * H, sizeof(float) * H);
+  const bool dnnl = DnnlMatmul(B, H);
+  return OnMatmulThread(dnnl, [&]() -> ffi::Error {
+    HugePages(gx->typed_data(), gx->size_bytes());
+    float* gh = gh0->typed_data();
+    std::memcpy(gh, gh_last.typed_data(), sizeof(float) * B * H);
+    const GruPass p{B, T, I, H, reverse, x.typed_data(), mask.typed_data(), w_i.typed_data(),
+                    b_i.typed_data(), w_h.typed_data(), b_h.typed_data(), dnnl};
+    if (checkpoint <= 0) {
+      if (auto err = CheckDims(res.dimensions(), 4, w_h, &d, 3); err.failure()) return err;
+      // Cotangents of gi (input side) and gh (recurrent side) for all steps.
+      Work dz_work(3, 2 * BT * G);
+      float* dzi = dz_work.data();
+      float* dzh = dzi + BT * G;
+      GruBackSteps(p, 0, T, gys.typed_data(), h_prev.typed_data(), res.typed_data(), Rows{T, 0},
+                   dzi, dzh, gh);
+      WeightGradients(p.dnnl, BT, I, G, x.typed_data(), dzi, w_i.typed_data(), need_dx, gx->typed_data(),
+                      gw_i->typed_data(), gb_i->typed_data());
+      WeightGradients(p.dnnl, BT, H, G, h_prev.typed_data(), dzh, nullptr, false, nullptr,
+                      gw_h->typed_data(), gb_h->typed_data());
+      return ffi::Error::Success();
     }
-    GruSteps(p, seg.begin, seg.end, h, nullptr, hp, rs, rows, nullptr, k);
-    GruBackSteps(p, seg.begin, seg.end, gys.typed_data(), hp, rs, rows, dzi, dzh, gh);
-    WeightGradients(B * n, H, G, hp, dzh, nullptr, false, nullptr, gw_h->typed_data(),
-                    gb_h->typed_data(), true);
-    SegmentInputGradients(B, T, I, G, seg, x.typed_data(), dzi, w_i.typed_data(), need_dx, xg,
-                          gx->typed_data(), gw_i->typed_data(), gb_i->typed_data());
-  }
-  return ffi::Error::Success();
+    const int64_t k = checkpoint, S = (T + k - 1) / k;
+    if (auto err = CheckCheckpoints(res.dimensions(), B, T, k, H); err.failure()) return err;
+    Work seg_work(3, B * k * (2 * G + H + 4 * H) + B * H);  // dzi, dzh, h_prev, res; the carry
+    float* dzi = seg_work.data();
+    float* dzh = dzi + B * k * G;
+    float* hp = dzh + B * k * G;
+    float* rs = hp + B * k * H;
+    float* h = rs + B * k * 4 * H;
+    Work xg_work(4, 2 * B * k * I);  // the segment's x rows and their gradient
+    float* xg = xg_work.data();
+    std::memset(gw_i->typed_data(), 0, sizeof(float) * I * G);
+    std::memset(gw_h->typed_data(), 0, sizeof(float) * H * G);
+    std::memset(gb_i->typed_data(), 0, sizeof(float) * G);
+    std::memset(gb_h->typed_data(), 0, sizeof(float) * G);
+    for (int64_t index = S - 1; index >= 0; --index) {
+      const Segment seg = SegmentOf(index, k, T, reverse);
+      const int64_t n = seg.n();
+      const Rows rows{n, seg.first};
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(h + b * H, res.typed_data() + (b * S + index) * H, sizeof(float) * H);
+      }
+      GruSteps(p, seg.begin, seg.end, h, nullptr, hp, rs, rows, nullptr, k);
+      GruBackSteps(p, seg.begin, seg.end, gys.typed_data(), hp, rs, rows, dzi, dzh, gh);
+      WeightGradients(p.dnnl, B * n, H, G, hp, dzh, nullptr, false, nullptr, gw_h->typed_data(),
+                      gb_h->typed_data(), true);
+      SegmentInputGradients(p.dnnl, B, T, I, G, seg, x.typed_data(), dzi, w_i.typed_data(), need_dx, xg,
+                            gx->typed_data(), gw_i->typed_data(), gb_i->typed_data());
+    }
+    return ffi::Error::Success();
+  });
 }
 
 
@@ -1286,52 +1460,55 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H, I = x.dimensions()[2];
   const int64_t K = I + H, k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
   if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, 2 * H); err.failure()) return err;
-  Work w_work(0, K * G);
-  const float* w = Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G);
-  const int64_t row_floats = K + G + 2 * H;
-  const int64_t rows_max = B * ChunkSegments(B, S, row_floats);
-  Work work(1, rows_max * row_floats);
-  float* xh = work.data();
-  float* z = xh + rows_max * K;
-  float* h = z + rows_max * G;
-  float* c = h + rows_max * H;
-  std::vector<float> r(6 * H);
-  const float* px = x.typed_data();
-  const float* pc = ckpt.typed_data();
-  const bool* pm = mask.typed_data();
-  float* py = ys->typed_data();
-  HugePages(py, ys->size_bytes());
-  Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
-    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
-      if (j == 0) {
-        const float* at = pc + (b * S + chunk.first + i) * 2 * H;
-        std::memcpy(h + row * H, at, sizeof(float) * H);
-        std::memcpy(c + row * H, at + H, sizeof(float) * H);
-      }
-      std::memcpy(xh + row * K, px + (b * T + t) * I, sizeof(float) * I);
-      std::memcpy(xh + row * K + I, h + row * H, sizeof(float) * H);
-      std::memcpy(z + row * G, bias.typed_data(), sizeof(float) * G);
-    });
-    const int64_t R = chunk.count * B;
-    if (K > 0) g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, K, 1.0f, xh, K, w, G, 1.0f, z, G);
-    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
-      if (!live) return;
-      float* __restrict__ cb = c + row * H;
-      float* __restrict__ hb = h + row * H;
-      float* __restrict__ yb = py + (b * T + t) * H;
-      Cell(z + row * G, cb, r.data(), H);
-      if (pm[b * T + t]) {
-        for (int64_t q = 0; q < H; ++q) {
-          cb[q] = r[H + q] * r[4 * H + q] + r[q] * r[2 * H + q];
-          hb[q] = r[3 * H + q] * r[5 * H + q];
+  const bool dnnl = DnnlMatmul(B, H);
+  return OnMatmulThread(dnnl, [&]() -> ffi::Error {
+    Work w_work(0, K * G);
+    const float* w = Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G);
+    const int64_t row_floats = K + G + 2 * H;
+    const int64_t rows_max = B * ChunkSegments(B, S, row_floats);
+    Work work(1, rows_max * row_floats);
+    float* xh = work.data();
+    float* z = xh + rows_max * K;
+    float* h = z + rows_max * G;
+    float* c = h + rows_max * H;
+    std::vector<float> r(6 * H);
+    const float* px = x.typed_data();
+    const float* pc = ckpt.typed_data();
+    const bool* pm = mask.typed_data();
+    float* py = ys->typed_data();
+    HugePages(py, ys->size_bytes());
+    Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
+      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
+        if (j == 0) {
+          const float* at = pc + (b * S + chunk.first + i) * 2 * H;
+          std::memcpy(h + row * H, at, sizeof(float) * H);
+          std::memcpy(c + row * H, at + H, sizeof(float) * H);
         }
-        std::memcpy(yb, hb, sizeof(float) * H);
-      } else {
-        std::memset(yb, 0, sizeof(float) * H);
-      }
+        std::memcpy(xh + row * K, px + (b * T + t) * I, sizeof(float) * I);
+        std::memcpy(xh + row * K + I, h + row * H, sizeof(float) * H);
+        std::memcpy(z + row * G, bias.typed_data(), sizeof(float) * G);
+      });
+      const int64_t R = chunk.count * B;
+      if (K > 0) Gemm(dnnl, false, false, R, G, K, xh, K, w, G, 1.0f, z, G);
+      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
+        if (!live) return;
+        float* __restrict__ cb = c + row * H;
+        float* __restrict__ hb = h + row * H;
+        float* __restrict__ yb = py + (b * T + t) * H;
+        Cell(z + row * G, cb, r.data(), H);
+        if (pm[b * T + t]) {
+          for (int64_t q = 0; q < H; ++q) {
+            cb[q] = r[H + q] * r[4 * H + q] + r[q] * r[2 * H + q];
+            hb[q] = r[3 * H + q] * r[5 * H + q];
+          }
+          std::memcpy(yb, hb, sizeof(float) * H);
+        } else {
+          std::memset(yb, 0, sizeof(float) * H);
+        }
+      });
     });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 // The GRU's ys from checkpoints h (B, S, H).
@@ -1346,51 +1523,48 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H, I = x.dimensions()[2];
   const int64_t k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
   if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, H); err.failure()) return err;
-  const int64_t row_floats = I + 2 * G + H;
-  const int64_t rows_max = B * ChunkSegments(B, S, row_floats);
-  Work work(1, rows_max * row_floats);
-  float* xr = work.data();
-  float* gi = xr + rows_max * I;
-  float* gh = gi + rows_max * G;
-  float* h = gh + rows_max * G;
-  std::vector<float> r(4 * H);
-  const float* px = x.typed_data();
-  const float* pc = ckpt.typed_data();
-  const bool* pm = mask.typed_data();
-  float* py = ys->typed_data();
-  HugePages(py, ys->size_bytes());
-  Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
-    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
-      if (j == 0) {
-        std::memcpy(h + row * H, pc + (b * S + chunk.first + i) * H, sizeof(float) * H);
-      }
-      std::memcpy(xr + row * I, px + (b * T + t) * I, sizeof(float) * I);
-      std::memcpy(gi + row * G, b_i.typed_data(), sizeof(float) * G);
-      std::memcpy(gh + row * G, b_h.typed_data(), sizeof(float) * G);
+  const bool dnnl = DnnlMatmul(B, H);
+  return OnMatmulThread(dnnl, [&]() -> ffi::Error {
+    const int64_t row_floats = I + 2 * G + H;
+    const int64_t rows_max = B * ChunkSegments(B, S, row_floats);
+    Work work(1, rows_max * row_floats);
+    float* xr = work.data();
+    float* gi = xr + rows_max * I;
+    float* gh = gi + rows_max * G;
+    float* h = gh + rows_max * G;
+    std::vector<float> r(4 * H);
+    const float* px = x.typed_data();
+    const float* pc = ckpt.typed_data();
+    const bool* pm = mask.typed_data();
+    float* py = ys->typed_data();
+    HugePages(py, ys->size_bytes());
+    Replay(B, T, k, row_floats, [&](Chunk chunk, int64_t j) {
+      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t i, int64_t b, int64_t t, bool) {
+        if (j == 0) {
+          std::memcpy(h + row * H, pc + (b * S + chunk.first + i) * H, sizeof(float) * H);
+        }
+        std::memcpy(xr + row * I, px + (b * T + t) * I, sizeof(float) * I);
+        std::memcpy(gi + row * G, b_i.typed_data(), sizeof(float) * G);
+        std::memcpy(gh + row * G, b_h.typed_data(), sizeof(float) * G);
+      });
+      const int64_t R = chunk.count * B;
+      if (I > 0) Gemm(dnnl, false, false, R, G, I, xr, I, w_i.typed_data(), G, 1.0f, gi, G);
+      if (H > 0) Gemm(dnnl, false, false, R, G, H, h, H, w_h.typed_data(), G, 1.0f, gh, G);
+      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
+        if (!live) return;
+        float* __restrict__ hb = h + row * H;
+        float* __restrict__ yb = py + (b * T + t) * H;
+        GruGates(gi + row * G, gh + row * G, r.data(), H);
+        if (pm[b * T + t]) {
+          for (int64_t q = 0; q < H; ++q) hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
+          std::memcpy(yb, hb, sizeof(float) * H);
+        } else {
+          std::memset(yb, 0, sizeof(float) * H);
+        }
+      });
     });
-    const int64_t R = chunk.count * B;
-    if (I > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, I, 1.0f, xr, I, w_i.typed_data(), G, 1.0f,
-              gi, G);
-    }
-    if (H > 0) {
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, R, G, H, 1.0f, h, H, w_h.typed_data(), G, 1.0f, gh,
-              G);
-    }
-    ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
-      if (!live) return;
-      float* __restrict__ hb = h + row * H;
-      float* __restrict__ yb = py + (b * T + t) * H;
-      GruGates(gi + row * G, gh + row * G, r.data(), H);
-      if (pm[b * T + t]) {
-        for (int64_t q = 0; q < H; ++q) hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
-        std::memcpy(yb, hb, sizeof(float) * H);
-      } else {
-        std::memset(yb, 0, sizeof(float) * H);
-      }
-    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace

@@ -17,15 +17,21 @@ gradients step by step; here each direction of the recurrence is one call. Per c
   of ``backward`` do not apply) run the pure-JAX references instead.
 - Every primitive has a pure-JAX reference (``lax.scan``): its lowering off the CPU, its
   forward-mode rule (so ``jax.jvp`` and second derivatives work) and the tests' oracle.
-- Dense mode: a sequence with no mask (``real is None``: every step real) and a step of at
-  least :data:`ONEDNN_MIN_UNITS` (batch rows x hidden units) runs oneDNN's RNN primitives
-  instead of rnnjax's loops when the kernels were built with oneDNN
+- rnnjax's loops (``rnnjax/_native/rnn_cpu.cc``), in kernels built with oneDNN and with a
+  step of at least 4096 units (batch rows x hidden units), do their per-step matmuls with
+  oneDNN's matmul on weights packed once per pass, their other matmuls with oneDNN's sgemm and
+  the per-row gate arithmetic on all cores (one OpenMP team on one thread); smaller steps, or
+  builds without oneDNN, use OpenBLAS's sgemm on one calling thread.
+- Dense mode: an inference pass (nothing saved) over a sequence with no mask (``real is None``:
+  every step real) and a step of at least :data:`ONEDNN_MIN_UNITS` runs oneDNN's RNN
+  primitive instead of rnnjax's loops when the kernels were built with oneDNN
   (``rnnjax._native.onednn()``), as PyTorch's CPU LSTM does: the input projection of all steps
-  as one matmul, packed weights, the gates fused into the recurrent matmul, all cores. The
-  forward pass then saves oneDNN's opaque workspace in ``res`` (``(B, W)``, W from
-  :func:`rnnjax._native.workspace_bytes`), which only the kernels read: the references
-  recompute the forward pass instead. Masked sequences (variable lengths) keep rnnjax's loops,
-  which handle masks step by step.
+  as one matmul, packed weights, the gates fused into the recurrent matmul, all cores.
+  Differentiated passes use it only where :data:`ONEDNN_MIN_UNITS` says so (by default never:
+  rnnjax's loops measured faster); the forward pass then saves oneDNN's opaque workspace in
+  ``res`` (``(B, W)``, W from :func:`rnnjax._native.workspace_bytes`), which only the kernels
+  read: the references recompute the forward pass instead. Masked sequences (variable
+  lengths) keep rnnjax's loops, which handle masks step by step.
 - Checkpointed mode (``rnnjax.scan(..., remat=...)``: ``checkpoint`` k > 0, rnnjax's loops
   always): the differentiated forward pass saves only the carry entering every k-th step,
   ``res (B, ceil(T/k), state width)``, and the backward pass runs the segments last to first,
@@ -67,23 +73,29 @@ def _time_major(*arrays):
     return tuple(jnp.swapaxes(x, 0, 1) for x in arrays)
 
 
-# oneDNN runs a dense sequence when it has at least this many units per step (batch rows times
-# hidden units), by cell and by whether the pass is differentiated (saves residuals); below,
-# rnnjax's own loops measured faster (per-process A/B, 2-core CPU, BENCHMARKS.md): oneDNN's
-# training primitives pay per-step parallel regions that small steps cannot amortize, and a
-# call costs ~0.25 ms more (LSTM inference: 4-9% faster at 16 x 64 units, 5-13x slower at 1 x 16).
-ONEDNN_MIN_UNITS = {
+# oneDNN's RNN primitives run a dense inference pass (one that saves nothing) when it has at
+# least this many units per step (batch rows times hidden units); below, rnnjax's own loops
+# measured faster (per-process A/B, 2-core CPU, BENCHMARKS.md): a call of the primitive costs
+# ~0.25 ms more (LSTM inference: 4-9% faster at 16 x 64 units, 5-13x slower at 1 x 16).
+# Differentiated passes (``save``) never run them (None): since rnnjax's loops do their
+# per-step matmuls on weights packed once per pass with oneDNN's matmul (the kernels'
+# ``StepGemm``), its training primitives measured slower at every shape tried: forward+backward
+# 148 vs 218 ms at LSTM 4x128x64x1024, 165 vs 237 ms at 64x64x128x512, 65 vs 77 ms at
+# 32x128x64x256. Setting a value here brings them back (the tests do, to keep that path right).
+ONEDNN_MIN_UNITS: dict[tuple[str, bool], int | None] = {
     ("lstm", False): 1024,
-    ("lstm", True): 4096,
+    ("lstm", True): None,
     ("gru", False): 2048,
-    ("gru", True): 16384,
+    ("gru", True): None,
 }
 
 
 def uses_onednn(cell: str, batch: int, hidden: int, *, save: bool, dense: bool) -> bool:
-    """Whether a forward pass over ``batch`` rows (vmap axes folded in) runs oneDNN: the
-    sequence is dense (no mask, kernels built with oneDNN) and large enough."""
-    return dense and batch * hidden >= ONEDNN_MIN_UNITS[(cell, save)]
+    """Whether a forward pass over ``batch`` rows (vmap axes folded in) runs oneDNN's RNN
+    primitive: the sequence is dense (no mask, kernels built with oneDNN) and large enough
+    (:data:`ONEDNN_MIN_UNITS`)."""
+    least = ONEDNN_MIN_UNITS[(cell, save)]
+    return dense and least is not None and batch * hidden >= least
 
 
 def _workspace(res) -> bool:
@@ -467,11 +479,13 @@ LSTM = _kernels("lstm", 3, 2, forward_reference, tangent_reference, backward_ref
 GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_backward_reference)
 
 
-# Inference (a forward pass that saves nothing) that oneDNN does not run (a padded sequence),
-# with at least this many units per step (batch rows times hidden units), runs XLA's loop:
-# there the step is one large matmul, which XLA's dot does as fast as OpenBLAS, and XLA spreads
-# the gate arithmetic over the cores where the kernel runs it on one; the kernel measured
-# 6-19% slower at 64 x 512 (BENCHMARKS.md).
+# Inference (a forward pass that saves nothing) that oneDNN's RNN primitive does not run (a
+# padded sequence), with at least this many units per step (batch rows times hidden units),
+# runs XLA's loop when the kernels were built without oneDNN: their loops then do the matmuls
+# with OpenBLAS and the gate arithmetic on one core, which measured 6-19% slower than XLA's
+# loop at 64 x 512 (BENCHMARKS.md). With oneDNN (its matmul, the gates on all cores) the
+# kernels' loops measured faster than XLA's at every size: padded LSTM 64x64x128x512 45.6 vs
+# 66.2 ms, GRU 36.1 vs 49.1 ms.
 INFERENCE_MAX_UNITS = 16384
 
 
@@ -509,7 +523,8 @@ def _forward_lowering(cell: str, prim: Primitive, n_weights: int):
             onednn = _workspace(ctx.avals_out[-1])
         else:
             onednn = uses_onednn(cell, batch, hidden, save=save, dense=dense)
-        if not save and not onednn and batch * hidden >= INFERENCE_MAX_UNITS:
+        xla_loop = batch * hidden >= INFERENCE_MAX_UNITS and not _native.onednn()
+        if not save and not onednn and xla_loop:
             return loop(ctx, *args, reverse=reverse, save=save, dense=dense, checkpoint=checkpoint)
         return native(ctx, *args, reverse=reverse, save=save, dense=onednn, checkpoint=checkpoint)
 

@@ -1,0 +1,118 @@
+"""A/B in one process: who does the matmuls of rnnjax's loops, and which loop trains.
+
+For rnnjax's default LSTM/GRU layers at the peers benchmark's shapes, forward+backward of
+sum(ys ** 2) w.r.t. the params, three ways:
+
+- ``loops+onednn``: rnnjax's loops with oneDNN's matmul (weights packed once per pass, the gates
+  on all cores; steps of 4096 units or more), the default;
+- ``loops+openblas``: the same compiled program with ``RNNJAX_ONEDNN_MATMUL=0`` (read by the
+  kernels at every call): OpenBLAS's sgemm, gates on one core, as before;
+- ``rnn-primitive``: oneDNN's RNN primitives for training (``ONEDNN_MIN_UNITS`` lowered to 0
+  while tracing), the default before the loops used oneDNN's matmul;
+
+and the same for padded sequences (a ``length`` per example, which oneDNN's RNN primitive does
+not run): forward alone and forward+backward, with XLA's loop for the forward as before
+(``INFERENCE_MAX_UNITS``). The timing is ``rnnjax.bench``'s (interleaved rounds, each sample
+after an untimed settle of the same program, median).
+
+    python benchmarks/ab/onednn_matmul.py [ROUNDS]    # prints one line per shape and mode
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rnnjax as rj
+from rnnjax.bench._harness import measure
+from rnnjax.cells import _native as kernels
+
+SHAPES = [
+    ("lstm", (16, 256, 32, 64)),
+    ("lstm", (32, 128, 64, 256)),
+    ("lstm", (64, 64, 128, 512)),
+    ("gru", (16, 256, 32, 64)),
+    ("gru", (32, 128, 64, 256)),
+    ("gru", (64, 64, 128, 512)),
+]
+
+
+def compiled(fn, *args, units=None, inference_max=None):
+    """jit(fn) compiled now, with the dispatch tables changed while it is traced."""
+    saved = dict(kernels.ONEDNN_MIN_UNITS), kernels.INFERENCE_MAX_UNITS
+    if units is not None:
+        kernels.ONEDNN_MIN_UNITS.update(units)
+    if inference_max is not None:
+        kernels.INFERENCE_MAX_UNITS = inference_max
+    try:
+        program = jax.jit(fn).lower(*args).compile()
+    finally:
+        kernels.ONEDNN_MIN_UNITS.update(saved[0])
+        kernels.INFERENCE_MAX_UNITS = saved[1]
+    return program
+
+
+def with_matmul(setting, program, *args):
+    def run():
+        os.environ["RNNJAX_ONEDNN_MATMUL"] = setting
+        jax.block_until_ready(program(*args))
+
+    return run
+
+
+def programs(cell_name, batch, steps, inputs, hidden):
+    """The runs to time at one shape, by group (mode) and way."""
+    cell = getattr(rj.cells, cell_name)(hidden)
+    params = cell.init(jax.random.key(0), inputs)
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal((batch, steps, inputs), np.float32))
+    lengths = jnp.asarray(rng.integers(steps // 2, steps + 1, batch))
+
+    def dense(p, x):
+        return jax.vmap(lambda x: rj.scan(cell, p, x)[1])(x)
+
+    def padded(p, x, n):
+        return jax.vmap(lambda x, n: rj.scan(cell, p, x, length=n)[1])(x, n)
+
+    def grad(run):
+        return jax.grad(lambda p, *a: jnp.sum(run(p, *a) ** 2))
+
+    every = {key: 0 for key in kernels.ONEDNN_MIN_UNITS}
+    train = compiled(grad(dense), params, xs)
+    primitive = compiled(grad(dense), params, xs, units=every)
+    padded_fwd = compiled(padded, params, xs, lengths)
+    padded_xla = compiled(padded, params, xs, lengths, inference_max=0)
+    padded_train = compiled(grad(padded), params, xs, lengths)
+    return {
+        "fwd+bwd": {
+            "loops+onednn": with_matmul("1", train, params, xs),
+            "loops+openblas": with_matmul("0", train, params, xs),
+            "rnn-primitive": with_matmul("1", primitive, params, xs),
+        },
+        "padded fwd": {
+            "loops+onednn": with_matmul("1", padded_fwd, params, xs, lengths),
+            "loops+openblas": with_matmul("0", padded_fwd, params, xs, lengths),
+            "xla-loop": with_matmul("1", padded_xla, params, xs, lengths),
+        },
+        "padded fwd+bwd": {
+            "loops+onednn": with_matmul("1", padded_train, params, xs, lengths),
+            "loops+openblas": with_matmul("0", padded_train, params, xs, lengths),
+        },
+    }
+
+
+def main(rounds):
+    for cell_name, shape in SHAPES:
+        groups = programs(cell_name, *shape)
+        runs = {(g, name): run for g, named in groups.items() for name, run in named.items()}
+        stats = measure(runs, repeats=rounds)
+        for group, named in groups.items():
+            cells = ", ".join(f"{name} {stats[group, name]['time_s'] * 1e3:.3g}" for name in named)
+            print(f"{cell_name} {'x'.join(map(str, shape))} {group} ms: {cells}", flush=True)
+    os.environ.pop("RNNJAX_ONEDNN_MATMUL", None)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 9)
