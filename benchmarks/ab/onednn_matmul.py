@@ -11,8 +11,9 @@ sum(ys ** 2) w.r.t. the params, three ways:
   while tracing), the default before the loops used oneDNN's matmul;
 
 and the same for padded sequences (a ``length`` per example, which oneDNN's RNN primitive does
-not run): forward alone and forward+backward, with XLA's loop for the forward as before
-(``INFERENCE_MAX_UNITS``). The timing is ``rnnjax.bench``'s (interleaved rounds, each sample
+not run): forward alone and forward+backward, and XLA's loop for the forward (what a padded
+forward pass of 16,384 units or more ran before, and runs in builds without oneDNN:
+``INFERENCE_MAX_UNITS``). The timing is ``rnnjax.bench``'s (interleaved rounds, each sample
 after an untimed settle of the same program, median).
 
     python benchmarks/ab/onednn_matmul.py [ROUNDS]    # prints one line per shape and mode
@@ -39,18 +40,25 @@ SHAPES = [
 ]
 
 
-def compiled(fn, *args, units=None, inference_max=None):
-    """jit(fn) compiled now, with the dispatch tables changed while it is traced."""
+def compiled(fn, *args, units=None, xla_inference=False):
+    """jit(fn) compiled now, with the dispatch changed while it is traced: ``units`` for
+    ``ONEDNN_MIN_UNITS``; ``xla_inference``: large padded forward passes lowered to XLA's loop
+    (``INFERENCE_MAX_UNITS`` 0 and ``RNNJAX_ONEDNN=0`` while tracing, as in a build without
+    oneDNN)."""
     saved = dict(kernels.ONEDNN_MIN_UNITS), kernels.INFERENCE_MAX_UNITS
     if units is not None:
         kernels.ONEDNN_MIN_UNITS.update(units)
-    if inference_max is not None:
-        kernels.INFERENCE_MAX_UNITS = inference_max
+    if xla_inference:
+        kernels.INFERENCE_MAX_UNITS = 0
+        os.environ["RNNJAX_ONEDNN"] = "0"
+    jax.clear_caches()  # nothing traced under other settings is reused
     try:
         program = jax.jit(fn).lower(*args).compile()
     finally:
         kernels.ONEDNN_MIN_UNITS.update(saved[0])
         kernels.INFERENCE_MAX_UNITS = saved[1]
+        os.environ.pop("RNNJAX_ONEDNN", None)
+        jax.clear_caches()
     return program
 
 
@@ -83,7 +91,7 @@ def programs(cell_name, batch, steps, inputs, hidden):
     train = compiled(grad(dense), params, xs)
     primitive = compiled(grad(dense), params, xs, units=every)
     padded_fwd = compiled(padded, params, xs, lengths)
-    padded_xla = compiled(padded, params, xs, lengths, inference_max=0)
+    padded_xla = compiled(padded, params, xs, lengths, xla_inference=True)
     padded_train = compiled(grad(padded), params, xs, lengths)
     return {
         "fwd+bwd": {
