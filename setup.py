@@ -8,8 +8,10 @@ compiler the install still succeeds, with a warning, and rnnjax runs its ``lax.s
 CPU with ``-march=native``, as a source build is compiled where it runs).
 
 Where oneDNN's headers are installed (the ``onednn-devel-cpu-gomp`` wheel, a build requirement on
-Linux x86-64) the library is also linked against oneDNN (``onednn-cpu-gomp``, a dependency there),
-which runs unmasked LSTMs; ``RNNJAX_ONEDNN_BUILD=0`` builds without it.
+Linux x86-64) the library is also linked against oneDNN (``onednn-cpu-gomp``, a dependency there)
+and built with OpenMP (``-fopenmp``: the gate loops share oneDNN's libgomp team); oneDNN's matmul
+then does the loops' products and its RNN primitives run unmasked inference;
+``RNNJAX_ONEDNN_BUILD=0`` builds without it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _installed_file(distribution: str, name: str) -> Path | None:
 
 
 def onednn_flags() -> list[str]:
-    """Compiler flags that build the oneDNN LSTM path, or [] when oneDNN is not installed."""
+    """Compiler flags that build with oneDNN (and OpenMP), or [] when oneDNN is not installed."""
     if os.environ.get("RNNJAX_ONEDNN_BUILD", "1") == "0":
         return []
     header = _installed_file("onednn-devel-cpu-gomp", "dnnl.hpp")

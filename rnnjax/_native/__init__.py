@@ -5,13 +5,17 @@ compiler, and is skipped with a warning when there is none). The library holds X
 handlers for the recurrent loops of float32 LSTMs and GRUs; its matrix products call ``cblas_sgemm``
 from OpenBLAS (the ``scipy-openblas32`` wheel, a dependency), whose address is handed to the
 library here. On Linux x86-64 the library is also linked against oneDNN (the ``onednn-cpu-gomp``
-wheel, a dependency there, whose ``libdnnl.so.3`` is loaded here first), whose RNN primitive runs
-LSTMs and GRUs over unmasked sequences (:func:`onednn`).
+wheel, a dependency there, whose ``libdnnl.so.3`` is loaded here first): its matmul then does
+the products of the library's loops for steps of 4096 units (batch rows x hidden units) or more,
+on weights packed once per pass, with the gate arithmetic on all cores, and its RNN primitive
+runs inference over unmasked sequences (:func:`onednn`).
 
 :func:`available` says whether the kernels are loaded (``RNNJAX_NATIVE=0`` in the environment
 switches them off); :func:`unavailable_reason` says why not. Cells use them on the CPU backend
 only when available, and otherwise run the same recurrence as ``lax.scan`` loops.
-``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off. ``RNNJAX_HUGEPAGES=0``
+``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off; ``RNNJAX_ONEDNN_MATMUL=0``
+(read by the kernels at every call) only its matmul in the loops, which then use OpenBLAS
+(``benchmarks/ab/onednn_matmul.py`` compares the two). ``RNNJAX_HUGEPAGES=0``
 (read by the kernels at every call) stops them asking Linux for huge pages behind the output
 arrays they are the first to write (``madvise(MADV_HUGEPAGE)``; XLA maps a program's
 temporaries afresh for every run; with the advice 85% fewer page faults, and an LSTM
@@ -127,9 +131,10 @@ def unavailable_reason() -> str | None:
 
 
 def onednn() -> bool:
-    """Whether unmasked float32 LSTMs and GRUs (with steps large enough:
-    ``rnnjax.cells._native.ONEDNN_MIN_UNITS``) run oneDNN's RNN primitives: the kernels are
-    loaded, were built with oneDNN, and ``RNNJAX_ONEDNN=0`` is not set."""
+    """Whether the kernels use oneDNN: its RNN primitives for unmasked float32 LSTMs and GRUs
+    where ``rnnjax.cells._native.ONEDNN_MIN_UNITS`` says so, its matmul in their own loops for
+    steps of 4096 units or more. True when the kernels are loaded, were built with oneDNN, and
+    ``RNNJAX_ONEDNN=0`` is not set."""
     return available() and not _off("RNNJAX_ONEDNN") and bool(_LIBRARY[0].rnnjax_has_onednn())
 
 

@@ -23,8 +23,9 @@
 //
 // Matrix products go to a cblas_sgemm whose address Python passes in (OpenBLAS from the
 // scipy-openblas32 wheel). Built with RNNJAX_WITH_DNNL (setup.py, where oneDNN's wheel is
-// installed), the library also links oneDNN, whose RNN primitives run the "dense" mode: the
-// unmasked sequences Python chooses for it (see the oneDNN section below).
+// installed), the library also links oneDNN: its matmul then does the own loops' products for
+// steps of 4096 units or more (DnnlMatmul, StepGemm), and its RNN primitives run the "dense"
+// mode: the unmasked sequences Python chooses for it (see the oneDNN section below).
 
 #include <strings.h>
 #include <sys/mman.h>
@@ -615,9 +616,19 @@ bool DnnlMatmul(int64_t B, int64_t H) {
 }
 
 // Runs a pass of the own loops where their matmuls want it: the oneDNN thread, or right here.
+// (An exception must not leave the oneDNN thread: it becomes the call's error.)
 ffi::Error OnMatmulThread(bool dnnl, const std::function<ffi::Error()>& pass) {
 #ifdef RNNJAX_WITH_DNNL
-  if (dnnl) return DnnlThread::Run(pass);
+  if (dnnl) {
+    return DnnlThread::Run([&]() -> ffi::Error {
+      try {
+        return pass();
+      } catch (const std::exception& e) {
+        return ffi::Error(ffi::ErrorCode::kInternal,
+                          std::string("rnnjax native loops (oneDNN matmul): ") + e.what());
+      }
+    });
+  }
 #endif
   return pass();
 }
@@ -626,11 +637,10 @@ ffi::Error OnMatmulThread(bool dnnl, const std::function<ffi::Error()>& pass) {
 void Gemm(bool dnnl, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
 #ifdef RNNJAX_WITH_DNNL
-  if (dnnl) {
-    dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, beta, c,
-               ldc);
+  if (dnnl && dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb,
+                         beta, c, ldc) == dnnl_success) {
     return;
-  }
+  }  // (where oneDNN refuses, OpenBLAS does it)
 #endif
   g_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k, 1.0f, a,
           lda, b, ldb, beta, c, ldc);
@@ -649,12 +659,17 @@ class StepGemm {
       : w_(w), K_(K), N_(N), M_(M), lda_(lda), ldc_(ldc), beta_(beta), trans_(trans) {
 #ifdef RNNJAX_WITH_DNNL
     if (dnnl && M > 0 && K > 0 && N > 0) {
-      plan_ = &GetPlan(trans, M, K, N, lda, ldc, beta);
-      packed_work_ = std::make_unique<Work>(slot, Floats(plan_->pd.weights_desc()));
-      packed_ = memory(plan_->pd.weights_desc(), Engine(), packed_work_->data());
-      Convert(plan_->pack, Wrap(plan_->w, w), packed_);
-      src_ = memory(plan_->src, Engine(), nullptr);
-      dst_ = memory(plan_->dst, Engine(), nullptr);
+      try {
+        Plan* plan = &GetPlan(trans, M, K, N, lda, ldc, beta);
+        packed_work_ = std::make_unique<Work>(slot, Floats(plan->pd.weights_desc()));
+        packed_ = memory(plan->pd.weights_desc(), Engine(), packed_work_->data());
+        Convert(plan->pack, Wrap(plan->w, w), packed_);
+        src_ = memory(plan->src, Engine(), nullptr);
+        dst_ = memory(plan->dst, Engine(), nullptr);
+        plan_ = plan;
+      } catch (const std::exception&) {
+        plan_ = nullptr;  // oneDNN has no matmul for this case: OpenBLAS does it
+      }
     }
 #endif
   }
@@ -694,9 +709,9 @@ class StepGemm {
                     std::unique_ptr<Plan>>
         plans;
     std::lock_guard<std::mutex> lock(mutex);
-    auto& plan = plans[{trans, M, K, N, lda, ldc, beta != 0.0f}];
-    if (!plan) {
-      plan = std::make_unique<Plan>();
+    auto& kept = plans[{trans, M, K, N, lda, ldc, beta != 0.0f}];
+    if (!kept) {  // made whole before it is kept: a throw leaves no half-made plan behind
+      auto plan = std::make_unique<Plan>();
       plan->src = memory::desc({M, K}, kF32, memory::dims{lda, 1});
       plan->w = trans ? memory::desc({K, N}, kF32, memory::dims{1, K})
                       : memory::desc({K, N}, kF32, memory::dims{N, 1});
@@ -711,8 +726,9 @@ class StepGemm {
       plan->pd = dnnl::matmul::primitive_desc(Engine(), plan->src, any, plan->dst, attr);
       plan->matmul = dnnl::matmul(plan->pd);
       plan->pack = Reorder(plan->w, plan->pd.weights_desc());
+      kept = std::move(plan);
     }
-    return *plan;
+    return *kept;
   }
 
   Plan* plan_ = nullptr;
@@ -763,6 +779,17 @@ void WeightGradients(bool dnnl, int64_t rows, int64_t K, int64_t G, const float*
 // when their matmuls run there (DnnlMatmul); otherwise the other cores would wait for it
 // between the matmuls.
 inline bool Parallel(bool dnnl, int64_t B) { return dnnl && B > 1; }
+
+// fn(b) for the rows b of a step, over the team when `par` (the serial loop stays plain code).
+template <class Fn>
+inline void ForEachRow(bool par, int64_t B, Fn fn) {
+  if (par) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; ++b) fn(b);
+  } else {
+    for (int64_t b = 0; b < B; ++b) fn(b);
+  }
+}
 
 // ------------------------------------------------------------------------- rnnjax's own loops
 // A pass runs steps s = 0 .. T - 1 in its own order; step s is position t = s, or T - 1 - s
@@ -899,8 +926,7 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
 
   for (int64_t s = begin; s < end; ++s) {
     const int64_t t = Position(s, T, p.reverse);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    ForEachRow(par, B, [&](int64_t b) {
       if (ckpt != nullptr && s % k == 0) {
         float* at = ckpt + (b * S + s / k) * 2 * H;
         std::memcpy(at, h + b * H, sizeof(float) * H);
@@ -910,10 +936,9 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
       std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
       std::memcpy(z + b * G, p.bias, sizeof(float) * G);
       if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
-    }
+    });
     stacked(xh, z);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    ForEachRow(par, B, [&](int64_t b) {
       float* __restrict__ r = res != nullptr ? res + rows(b, t) * 6 * H : rows_.data() + b * 6 * H;
       float* __restrict__ cb = c + b * H;
       float* __restrict__ hb = h + b * H;
@@ -929,7 +954,7 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
       } else if (yb != nullptr) {
         std::memset(yb, 0, sizeof(float) * H);
       }
-    }
+    });
   }
 }
 
@@ -945,8 +970,7 @@ void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* g
   StepGemm recurrent(p.dnnl, 15, p.w_h, G, H, true, B, rows.stride * G, H, 0.0f);
   for (int64_t s = end - 1; s >= begin; --s) {
     const int64_t t = Position(s, T, p.reverse);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    ForEachRow(par, B, [&](int64_t b) {
       const float* __restrict__ r = res + rows(b, t) * 6 * H;
       const float* __restrict__ yb = gys + (b * T + t) * H;
       float* __restrict__ ghb = gh + b * H;
@@ -954,7 +978,7 @@ void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* g
       float* __restrict__ dzb = dz + rows(b, t) * G;
       if (!p.mask[b * T + t]) {
         std::memset(dzb, 0, sizeof(float) * G);
-        continue;
+        return;
       }
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
@@ -968,13 +992,12 @@ void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* g
         dzb[3 * H + j] = dh * tc * o * (1.0f - o);
         gcb[j] = dc * f;
       }
-    }
+    });
     // back = dz_t @ W_h^T: the cotangent of h entering this step (dz_t rows are stride apart).
     recurrent(dz + rows(0, t) * G, back);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    ForEachRow(par, B, [&](int64_t b) {
       if (p.mask[b * T + t]) std::memcpy(gh + b * H, back + b * H, sizeof(float) * H);
-    }
+    });
   }
 }
 
@@ -1185,19 +1208,17 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
 
   for (int64_t s = begin; s < end; ++s) {
     const int64_t t = Position(s, T, p.reverse);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    ForEachRow(par, B, [&](int64_t b) {
       if (ckpt != nullptr && s % k == 0) {
         std::memcpy(ckpt + (b * S + s / k) * H, h + b * H, sizeof(float) * H);
       }
       std::memcpy(gi + b * G, p.b_i, sizeof(float) * G);
       std::memcpy(gh + b * G, p.b_h, sizeof(float) * G);
       if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
-    }
+    });
     input(p.x + t * I, gi);
     recurrent(h, gh);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    ForEachRow(par, B, [&](int64_t b) {
       const float* __restrict__ a = gi + b * G;
       const float* __restrict__ q = gh + b * G;
       float* __restrict__ r = res != nullptr ? res + rows(b, t) * 4 * H : rows_.data() + b * 4 * H;
@@ -1212,7 +1233,7 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
       } else if (yb != nullptr) {
         std::memset(yb, 0, sizeof(float) * H);
       }
-    }
+    });
   }
 }
 
@@ -1229,15 +1250,14 @@ void GruBackSteps(const GruPass& p, int64_t begin, int64_t end, const float* gys
   StepGemm recurrent(p.dnnl, 15, p.w_h, G, H, true, B, rows.stride * G, H, 0.0f);
   for (int64_t s = end - 1; s >= begin; --s) {
     const int64_t t = Position(s, T, p.reverse);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    ForEachRow(par, B, [&](int64_t b) {
       const int64_t at = rows(b, t);
       float* __restrict__ zi = dzi + at * G;
       float* __restrict__ zh = dzh + at * G;
       if (!p.mask[b * T + t]) {
         std::memset(zi, 0, sizeof(float) * G);
         std::memset(zh, 0, sizeof(float) * G);
-        continue;
+        return;
       }
       const float* __restrict__ r = res + at * 4 * H;
       const float* __restrict__ yb = gys + (b * T + t) * H;
@@ -1258,15 +1278,14 @@ void GruBackSteps(const GruPass& p, int64_t begin, int64_t end, const float* gys
         zh[2 * H + j] = dan * reset;
         ghb[j] = dh * z;  // the direct path; the recurrent matmul's part is added below
       }
-    }
+    });
     recurrent(dzh + rows(0, t) * G, back);
-#pragma omp parallel for if (par) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      if (!p.mask[b * T + t]) continue;
+    ForEachRow(par, B, [&](int64_t b) {
+      if (!p.mask[b * T + t]) return;
       float* __restrict__ ghb = gh + b * H;
       const float* __restrict__ bk = back + b * H;
       for (int64_t j = 0; j < H; ++j) ghb[j] += bk[j];
-    }
+    });
   }
 }
 
