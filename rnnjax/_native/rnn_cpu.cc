@@ -649,9 +649,10 @@ void Gemm(bool dnnl, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
 // The per-step matmul of a pass, C (M, N) = A (M, K) op(W) + beta C, with one W for the whole
 // pass: op(W) = W (K, N), or W^T of a (N, K) W (`trans`). With oneDNN, W is packed once into
 // its matmul kernels' blocked layout (Work `slot`) and each step runs a matmul primitive made
-// once per shape. OpenBLAS's sgemm packs both operands on every call: 64 steps of
-// (64, 512) @ (512, 1536) took 21 ms packed vs 31 ms with OpenBLAS, (32, 1024) @ W^T (256,
-// 1024)^T 8 vs 18 ms (2-core AVX-512 CPU, one process, BENCHMARKS.md).
+// once per shape. OpenBLAS's sgemm packs both operands on every call (at a GRU's (64, 512) @
+// (512, 1536) its packing of W_h was 10% of a forward+backward's samples): 64 such steps took
+// 20.5 ms packed vs 28.9 ms with OpenBLAS, 128 steps of (32, 1024) @ W^T, W (256, 1024), 7.1
+// vs 16.8 ms (benchmarks/ab/step_matmul.cc, 2-core AVX-512 CPU; BENCHMARKS.md).
 class StepGemm {
  public:
   StepGemm(bool dnnl, int slot, const float* w, int64_t K, int64_t N, bool trans, int64_t M,
