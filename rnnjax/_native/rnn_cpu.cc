@@ -597,9 +597,10 @@ ffi::Error DnnlBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse
 // ------------------------------------------------------------------ the own loops' matmuls
 // Whether a pass of rnnjax's own loops over B rows of H units does its matmuls with oneDNN: a
 // build with it, a step of at least kDnnlUnits (B x H), and neither RNNJAX_ONEDNN nor
-// RNNJAX_ONEDNN_MATMUL is 0 (read per call). Such a pass runs on the oneDNN thread: the per-step matmuls on weights packed once
-// per pass (StepGemm), the others with dnnl_sgemm, the per-row work spread over the same
-// OpenMP team (Parallel), and no OpenBLAS threads spin beside it. Smaller steps keep OpenBLAS
+// RNNJAX_ONEDNN_MATMUL is 0 (read per call). Such a pass runs on the oneDNN thread: the
+// per-step matmuls on weights packed once per pass (StepGemm), the others with dnnl_sgemm, the
+// per-row work spread over the same OpenMP team (Parallel), and no OpenBLAS threads spin
+// beside it. Smaller steps keep OpenBLAS
 // on the calling thread: a oneDNN matmul call costs ~5 us, OpenBLAS's 1.5-3 us at
 // (16, 32..64) @ (32..64, 192), and per step that is most of the work (a GRU
 // forward+backward at 16x256x32x64 took 9.2 ms vs 6.2 ms).
@@ -747,9 +748,9 @@ class StepGemm {
 // (column sums of dz; skipped when db is null) and, if `need_dx`, the input gradient dz W^T.
 // With `accumulate`, the weight and bias gradients are added to dw and db (a checkpointed
 // pass's segments); dx is written either way.
-void WeightGradients(bool dnnl, int64_t rows, int64_t K, int64_t G, const float* in, const float* dz,
-                     const float* w, bool need_dx, float* dx, float* dw, float* db,
-                     bool accumulate = false) {
+void WeightGradients(bool dnnl, int64_t rows, int64_t K, int64_t G, const float* in,
+                     const float* dz, const float* w, bool need_dx, float* dx, float* dw,
+                     float* db, bool accumulate = false) {
   if (rows > 0 && K > 0) {
     Gemm(dnnl, true, false, K, G, rows, in, K, dz, G, accumulate ? 1.0f : 0.0f, dw, G);
   } else if (!accumulate) {
@@ -922,7 +923,7 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
   float* xh = xh_work.data();
   Work z_work(2, B * G);
   float* z = z_work.data();
-  std::vector<float> rows_(res != nullptr ? 0 : B * 6 * H);  // without res: one step's gates
+  std::vector<float> gates(res != nullptr ? 0 : B * 6 * H);  // without res: one step's gates
   StepGemm stacked(p.dnnl, 13, p.w, K, G, false, B, K, G, 1.0f);
 
   for (int64_t s = begin; s < end; ++s) {
@@ -940,7 +941,7 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
     });
     stacked(xh, z);
     ForEachRow(par, B, [&](int64_t b) {
-      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 6 * H : rows_.data() + b * 6 * H;
+      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 6 * H : gates.data() + b * 6 * H;
       float* __restrict__ cb = c + b * H;
       float* __restrict__ hb = h + b * H;
       float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
@@ -1114,8 +1115,8 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
       // Weight gradients over all B*T rows at once (the bias gradient is b's, as b enters dz).
       WeightGradients(p.dnnl, BT, H, G, h_prev.typed_data(), dz, nullptr, false, nullptr,
                       gw_h->typed_data(), nullptr);
-      WeightGradients(p.dnnl, BT, I, G, x.typed_data(), dz, w_i.typed_data(), need_dx, gx->typed_data(),
-                      gw_i->typed_data(), gb->typed_data());
+      WeightGradients(p.dnnl, BT, I, G, x.typed_data(), dz, w_i.typed_data(), need_dx,
+                      gx->typed_data(), gw_i->typed_data(), gb->typed_data());
       return ffi::Error::Success();
     }
     const int64_t k = checkpoint, S = (T + k - 1) / k;
@@ -1144,10 +1145,10 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
       }
       LstmSteps(p, seg.begin, seg.end, h, c, nullptr, hp, rs, rows, nullptr, k);
       LstmBackSteps(p, seg.begin, seg.end, gys.typed_data(), rs, rows, dz, gh, gc);
-      WeightGradients(p.dnnl, B * n, H, G, hp, dz, nullptr, false, nullptr, gw_h->typed_data(), nullptr,
-                      true);
-      SegmentInputGradients(p.dnnl, B, T, I, G, seg, x.typed_data(), dz, w_i.typed_data(), need_dx, xg,
-                            gx->typed_data(), gw_i->typed_data(), gb->typed_data());
+      WeightGradients(p.dnnl, B * n, H, G, hp, dz, nullptr, false, nullptr, gw_h->typed_data(),
+                      nullptr, true);
+      SegmentInputGradients(p.dnnl, B, T, I, G, seg, x.typed_data(), dz, w_i.typed_data(),
+                            need_dx, xg, gx->typed_data(), gw_i->typed_data(), gb->typed_data());
     }
     return ffi::Error::Success();
   });
@@ -1203,7 +1204,7 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
   float* gi = gi_work.data();
   Work gh_work(2, B * G);
   float* gh = gh_work.data();
-  std::vector<float> rows_(res != nullptr ? 0 : B * 4 * H);  // without res: one step's gates
+  std::vector<float> gates(res != nullptr ? 0 : B * 4 * H);  // without res: one step's gates
   StepGemm input(p.dnnl, 13, p.w_i, I, G, false, B, T * I, G, 1.0f);
   StepGemm recurrent(p.dnnl, 14, p.w_h, H, G, false, B, H, G, 1.0f);
 
@@ -1222,7 +1223,7 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
     ForEachRow(par, B, [&](int64_t b) {
       const float* __restrict__ a = gi + b * G;
       const float* __restrict__ q = gh + b * G;
-      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 4 * H : rows_.data() + b * 4 * H;
+      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 4 * H : gates.data() + b * 4 * H;
       float* __restrict__ hb = h + b * H;
       float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
       GruGates(a, q, r, H);
@@ -1379,8 +1380,8 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
       float* dzh = dzi + BT * G;
       GruBackSteps(p, 0, T, gys.typed_data(), h_prev.typed_data(), res.typed_data(), Rows{T, 0},
                    dzi, dzh, gh);
-      WeightGradients(p.dnnl, BT, I, G, x.typed_data(), dzi, w_i.typed_data(), need_dx, gx->typed_data(),
-                      gw_i->typed_data(), gb_i->typed_data());
+      WeightGradients(p.dnnl, BT, I, G, x.typed_data(), dzi, w_i.typed_data(), need_dx,
+                      gx->typed_data(), gw_i->typed_data(), gb_i->typed_data());
       WeightGradients(p.dnnl, BT, H, G, h_prev.typed_data(), dzh, nullptr, false, nullptr,
                       gw_h->typed_data(), gb_h->typed_data());
       return ffi::Error::Success();
@@ -1410,8 +1411,9 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
       GruBackSteps(p, seg.begin, seg.end, gys.typed_data(), hp, rs, rows, dzi, dzh, gh);
       WeightGradients(p.dnnl, B * n, H, G, hp, dzh, nullptr, false, nullptr, gw_h->typed_data(),
                       gb_h->typed_data(), true);
-      SegmentInputGradients(p.dnnl, B, T, I, G, seg, x.typed_data(), dzi, w_i.typed_data(), need_dx, xg,
-                            gx->typed_data(), gw_i->typed_data(), gb_i->typed_data());
+      SegmentInputGradients(p.dnnl, B, T, I, G, seg, x.typed_data(), dzi, w_i.typed_data(),
+                            need_dx, xg, gx->typed_data(), gw_i->typed_data(),
+                            gb_i->typed_data());
     }
     return ffi::Error::Success();
   });
@@ -1510,7 +1512,8 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
       });
       const int64_t R = chunk.count * B;
       if (K > 0) Gemm(dnnl, false, false, R, G, K, xh, K, w, G, 1.0f, z, G);
-      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
+      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t,
+                                              bool live) {
         if (!live) return;
         float* __restrict__ cb = c + row * H;
         float* __restrict__ hb = h + row * H;
@@ -1570,13 +1573,16 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
       const int64_t R = chunk.count * B;
       if (I > 0) Gemm(dnnl, false, false, R, G, I, xr, I, w_i.typed_data(), G, 1.0f, gi, G);
       if (H > 0) Gemm(dnnl, false, false, R, G, H, h, H, w_h.typed_data(), G, 1.0f, gh, G);
-      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t, bool live) {
+      ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t,
+                                              bool live) {
         if (!live) return;
         float* __restrict__ hb = h + row * H;
         float* __restrict__ yb = py + (b * T + t) * H;
         GruGates(gi + row * G, gh + row * G, r.data(), H);
         if (pm[b * T + t]) {
-          for (int64_t q = 0; q < H; ++q) hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
+          for (int64_t q = 0; q < H; ++q) {
+            hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
+          }
           std::memcpy(yb, hb, sizeof(float) * H);
         } else {
           std::memset(yb, 0, sizeof(float) * H);
