@@ -216,6 +216,23 @@ def test_vmap_over_params_falls_back_to_the_references(name):
     assert_close(run(cell), run(cell._replace(sequence=None)))
 
 
+def kernel_operands(name, b, h, *, seed, dense):
+    """A cell's primitives and random operands for them over ``b`` rows of ``h`` units, T steps
+    of I inputs: x, the weights (w_i, b, w_h, ...), the initial state and the mask (all True
+    when ``dense``, else about 30% of steps padding)."""
+    kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
+    g = 4 if name == "lstm" else 3
+    k = iter(jax.random.split(jax.random.key(seed), 12))
+    x = jax.random.normal(next(k), (b, T, I))
+    w_i = 0.5 * jax.random.normal(next(k), (I, g * h))
+    w_h = 0.4 * jax.random.normal(next(k), (h, g * h))
+    biases = [0.1 * jax.random.normal(next(k), (g * h,)) for _ in range(kernels.n_weights - 2)]
+    weights = (w_i, biases[0], w_h, *biases[1:])
+    state = tuple(jax.random.normal(next(k), (kernels.n_state, b, h)))
+    mask = jnp.ones((b, T), bool) if dense else jax.random.uniform(next(k), (b, T)) > 0.3
+    return kernels, x, weights, state, mask
+
+
 @pytest.mark.parametrize("checkpoint", [0, 4], ids=["all_steps", "checkpoint4"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("name", list(CELLS))
@@ -228,16 +245,7 @@ def test_kernels_equal_the_reference_primitives(name, reverse, checkpoint, path)
     loops even where oneDNN would run (no mask, thresholds 0), save the checkpoints, and their
     backward equals the one that saved every step."""
     dense = path == "onednn"
-    kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
-    g = 4 if name == "lstm" else 3
-    k = iter(jax.random.split(jax.random.key(3), 12))
-    x = jax.random.normal(next(k), (B, T, I))
-    w_i = 0.5 * jax.random.normal(next(k), (I, g * H))
-    w_h = 0.4 * jax.random.normal(next(k), (H, g * H))
-    biases = [0.1 * jax.random.normal(next(k), (g * H,)) for _ in range(kernels.n_weights - 2)]
-    weights = (w_i, biases[0], w_h, *biases[1:])
-    state = tuple(jax.random.normal(next(k), (kernels.n_state, B, H)))
-    mask = jnp.ones((B, T), bool) if dense else jax.random.uniform(next(k), (B, T)) > 0.3
+    kernels, x, weights, state, mask = kernel_operands(name, B, H, seed=3, dense=dense)
     args = (x, *weights, *state, mask)
     modes = {"reverse": reverse, "checkpoint": checkpoint}
 
@@ -282,16 +290,8 @@ def test_loops_with_onednn_matmul_equal_openblas_and_the_references(name, monkey
     directions."""
     if not _native.onednn():
         pytest.skip(f"rnnjax was built without oneDNN here: {_native.unavailable_reason()}")
-    kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
-    b, h, g = 512, 8, 4 if name == "lstm" else 3  # 4096 units
-    k = iter(jax.random.split(jax.random.key(5), 12))
-    x = jax.random.normal(next(k), (b, T, I))
-    w_i = 0.5 * jax.random.normal(next(k), (I, g * h))
-    w_h = 0.4 * jax.random.normal(next(k), (h, g * h))
-    biases = [0.1 * jax.random.normal(next(k), (g * h,)) for _ in range(kernels.n_weights - 2)]
-    weights = (w_i, biases[0], w_h, *biases[1:])
-    state = tuple(jax.random.normal(next(k), (kernels.n_state, b, h)))
-    mask = jax.random.uniform(next(k), (b, T)) > 0.3
+    b, h = 512, 8  # 4096 units
+    kernels, x, weights, state, mask = kernel_operands(name, b, h, seed=5, dense=False)
     args = (x, *weights, *state, mask)
 
     def both(fn, *a):

@@ -28,16 +28,11 @@ import numpy as np
 
 import rnnjax as rj
 from rnnjax.bench._harness import measure
+from rnnjax.bench.peers import SHAPES as PEER_SHAPES
 from rnnjax.cells import _native as kernels
 
-SHAPES = [
-    ("lstm", (16, 256, 32, 64)),
-    ("lstm", (32, 128, 64, 256)),
-    ("lstm", (64, 64, 128, 512)),
-    ("gru", (16, 256, 32, 64)),
-    ("gru", (32, 128, 64, 256)),
-    ("gru", (64, 64, 128, 512)),
-]
+# The peers benchmark's shapes (rnnjax bench peers), each cell.
+SHAPES = [(cell, shape) for cell in ("lstm", "gru") for shape in PEER_SHAPES]
 
 
 def compiled(fn, *args, units=None, xla_inference=False):
