@@ -80,8 +80,9 @@ def _time_major(*arrays):
 # Differentiated passes (``save``) never run them (None): since rnnjax's loops do their
 # per-step matmuls on weights packed once per pass with oneDNN's matmul (the kernels'
 # ``StepGemm``), its training primitives measured slower at every shape tried: forward+backward
-# 148 vs 218 ms at LSTM 4x128x64x1024, 165 vs 237 ms at 64x64x128x512, 65 vs 77 ms at
-# 32x128x64x256. Setting a value here brings them back (the tests do, to keep that path right).
+# 51 vs 67 ms at LSTM 32x128x64x256, 146 vs 179 ms at 64x64x128x512, 128 vs 169 ms at GRU
+# 64x64x128x512 (``benchmarks/ab/onednn_matmul.py``), 148 vs 218 ms at LSTM 4x128x64x1024.
+# Setting a value here brings them back (the tests do, to keep that path right).
 ONEDNN_MIN_UNITS: dict[tuple[str, bool], int | None] = {
     ("lstm", False): 1024,
     ("lstm", True): None,
@@ -484,8 +485,8 @@ GRU = _kernels("gru", 4, 1, gru_forward_reference, gru_tangent_reference, gru_ba
 # runs XLA's loop when the kernels were built without oneDNN: their loops then do the matmuls
 # with OpenBLAS and the gate arithmetic on one core, which measured 6-19% slower than XLA's
 # loop at 64 x 512 (BENCHMARKS.md). With oneDNN (its matmul, the gates on all cores) the
-# kernels' loops measured faster than XLA's at every size: padded LSTM 64x64x128x512 45.6 vs
-# 66.2 ms, GRU 36.1 vs 49.1 ms.
+# kernels' loops measured faster than XLA's at every size: padded LSTM 64x64x128x512 45.2 vs
+# 66.2 ms, GRU 37.0 vs 48.3 ms (``benchmarks/ab/onednn_matmul.py``).
 INFERENCE_MAX_UNITS = 16384
 
 
