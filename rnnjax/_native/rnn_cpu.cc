@@ -101,6 +101,24 @@ void Cell(const float* __restrict__ z, const float* __restrict__ c, float* __res
   }
 }
 
+// One row's LSTM step from its pre-activations z (4H) and cell state c: the gates into r (as
+// Cell), and where the step is real the carry (c, h) advances; y, when given, gets the new h
+// there and zeros at a padded step (whose carry is kept).
+inline void LstmRow(const float* __restrict__ z, float* __restrict__ c, float* __restrict__ h,
+                    float* __restrict__ r, float* __restrict__ y, bool real, int64_t H) {
+  Cell(z, c, r, H);
+  if (real) {
+    // r holds c entering the step at 4H and tanh(c leaving it) at 5H.
+    for (int64_t j = 0; j < H; ++j) {
+      c[j] = r[H + j] * r[4 * H + j] + r[j] * r[2 * H + j];
+      h[j] = r[3 * H + j] * r[5 * H + j];
+    }
+    if (y != nullptr) std::memcpy(y, h, sizeof(float) * H);
+  } else if (y != nullptr) {
+    std::memset(y, 0, sizeof(float) * H);
+  }
+}
+
 // A kernel's working array, not initialized. Up to kKeepBytes it is a per-thread buffer kept
 // between calls (a fresh large allocation is a fresh mmap, and touching it costs a page fault
 // per 4 KiB: measured as ~25% of a forward pass, and oneDNN's LSTM inference scratchpad at
@@ -941,21 +959,9 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
     });
     stacked(xh, z);
     ForEachRow(par, B, [&](int64_t b) {
-      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 6 * H : gates.data() + b * 6 * H;
-      float* __restrict__ cb = c + b * H;
-      float* __restrict__ hb = h + b * H;
-      float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
-      Cell(z + b * G, cb, r, H);
-      if (p.mask[b * T + t]) {
-        // r holds c entering the step at 4H and tanh(c leaving it) at 5H.
-        for (int64_t j = 0; j < H; ++j) {
-          cb[j] = r[H + j] * r[4 * H + j] + r[j] * r[2 * H + j];
-          hb[j] = r[3 * H + j] * r[5 * H + j];
-        }
-        if (yb != nullptr) std::memcpy(yb, hb, sizeof(float) * H);
-      } else if (yb != nullptr) {
-        std::memset(yb, 0, sizeof(float) * H);
-      }
+      float* r = res != nullptr ? res + rows(b, t) * 6 * H : gates.data() + b * 6 * H;
+      float* yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
+      LstmRow(z + b * G, c + b * H, h + b * H, r, yb, p.mask[b * T + t], H);
     });
   }
 }
@@ -1191,6 +1197,23 @@ inline void GruGates(const float* __restrict__ a, const float* __restrict__ q,
   }
 }
 
+// One row's GRU step from gi = x_t W_i + b_i and gh = h W_h + b_h: the gates into r (as
+// GruGates), and where the step is real h advances; y, when given, gets the new h there and
+// zeros at a padded step (whose carry is kept).
+inline void GruRow(const float* __restrict__ gi, const float* __restrict__ gh,
+                   float* __restrict__ h, float* __restrict__ r, float* __restrict__ y, bool real,
+                   int64_t H) {
+  GruGates(gi, gh, r, H);
+  if (real) {
+    const float* __restrict__ rz = r + H;
+    const float* __restrict__ rn = r + 2 * H;
+    for (int64_t j = 0; j < H; ++j) h[j] = (1.0f - rz[j]) * rn[j] + rz[j] * h[j];
+    if (y != nullptr) std::memcpy(y, h, sizeof(float) * H);
+  } else if (y != nullptr) {
+    std::memset(y, 0, sizeof(float) * H);
+  }
+}
+
 // Steps [begin, end) of a forward pass from the carry h, which they advance; ys, h_prev, res
 // (at `rows`) and ckpt (B, S, H) are written when given, as in LstmSteps.
 void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys, float* h_prev,
@@ -1221,20 +1244,9 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
     input(p.x + t * I, gi);
     recurrent(h, gh);
     ForEachRow(par, B, [&](int64_t b) {
-      const float* __restrict__ a = gi + b * G;
-      const float* __restrict__ q = gh + b * G;
-      float* __restrict__ r = res != nullptr ? res + rows(b, t) * 4 * H : gates.data() + b * 4 * H;
-      float* __restrict__ hb = h + b * H;
-      float* __restrict__ yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
-      GruGates(a, q, r, H);
-      if (p.mask[b * T + t]) {
-        const float* __restrict__ rz = r + H;
-        const float* __restrict__ rn = r + 2 * H;
-        for (int64_t j = 0; j < H; ++j) hb[j] = (1.0f - rz[j]) * rn[j] + rz[j] * hb[j];
-        if (yb != nullptr) std::memcpy(yb, hb, sizeof(float) * H);
-      } else if (yb != nullptr) {
-        std::memset(yb, 0, sizeof(float) * H);
-      }
+      float* r = res != nullptr ? res + rows(b, t) * 4 * H : gates.data() + b * 4 * H;
+      float* yb = ys != nullptr ? ys + (b * T + t) * H : nullptr;
+      GruRow(gi + b * G, gh + b * G, h + b * H, r, yb, p.mask[b * T + t], H);
     });
   }
 }
@@ -1515,19 +1527,8 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
       ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t,
                                               bool live) {
         if (!live) return;
-        float* __restrict__ cb = c + row * H;
-        float* __restrict__ hb = h + row * H;
-        float* __restrict__ yb = py + (b * T + t) * H;
-        Cell(z + row * G, cb, r.data(), H);
-        if (pm[b * T + t]) {
-          for (int64_t q = 0; q < H; ++q) {
-            cb[q] = r[H + q] * r[4 * H + q] + r[q] * r[2 * H + q];
-            hb[q] = r[3 * H + q] * r[5 * H + q];
-          }
-          std::memcpy(yb, hb, sizeof(float) * H);
-        } else {
-          std::memset(yb, 0, sizeof(float) * H);
-        }
+        LstmRow(z + row * G, c + row * H, h + row * H, r.data(), py + (b * T + t) * H,
+                pm[b * T + t], H);
       });
     });
     return ffi::Error::Success();
@@ -1576,17 +1577,8 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
       ForRows(chunk, j, k, B, T, reverse, [&](int64_t row, int64_t, int64_t b, int64_t t,
                                               bool live) {
         if (!live) return;
-        float* __restrict__ hb = h + row * H;
-        float* __restrict__ yb = py + (b * T + t) * H;
-        GruGates(gi + row * G, gh + row * G, r.data(), H);
-        if (pm[b * T + t]) {
-          for (int64_t q = 0; q < H; ++q) {
-            hb[q] = (1.0f - r[H + q]) * r[2 * H + q] + r[H + q] * hb[q];
-          }
-          std::memcpy(yb, hb, sizeof(float) * H);
-        } else {
-          std::memset(yb, 0, sizeof(float) * H);
-        }
+        GruRow(gi + row * G, gh + row * G, h + row * H, r.data(), py + (b * T + t) * H,
+               pm[b * T + t], H);
       });
     });
     return ffi::Error::Success();
