@@ -87,9 +87,9 @@ def lstm(
         same values and derivatives (to float32 rounding). Under ``rnnjax.scan(...,
         remat=...)`` the kernels checkpoint the carry every k steps and recompute each
         segment in the backward pass themselves. ``True``: require them
-        (errors say why they cannot run); ``False``: never. ``unroll`` has no effect on them,
-        and forward-only passes with batch x hidden >= 16384 units per step run XLA's loop
-        (measured faster there; BENCHMARKS.md).
+        (errors say why they cannot run); ``False``: never. ``unroll`` has no effect on them;
+        in kernels built without oneDNN, padded forward-only passes with batch x hidden >=
+        16384 units per step run XLA's loop (measured faster there; BENCHMARKS.md).
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.lstm(4)
