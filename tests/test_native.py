@@ -108,7 +108,8 @@ def test_large_steps_pick_their_loop():
     """A masked forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS runs the kernels'
     loop where they do their matmuls with oneDNN, and XLA's loop where they would use OpenBLAS
     (measured faster there); its gradient runs the kernels either way. Unmasked, inference
-    runs oneDNN's RNN primitive (when built with it) and training rnnjax's loops, never the
+    is lowered for oneDNN's RNN primitive (when built with it; the fused LSTM loop takes it
+    instead where built, see the next test) and training for rnnjax's loops, never the
     primitive (ONEDNN_MIN_UNITS). Values agree in every case."""
     b, h = 128, native_kernels.INFERENCE_MAX_UNITS // 128
     cell = rj.cells.lstm(h)
@@ -290,6 +291,7 @@ def test_loops_with_onednn_matmul_equal_openblas_and_the_references(name, monkey
     directions."""
     if not _native.onednn():
         pytest.skip(f"rnnjax was built without oneDNN here: {_native.unavailable_reason()}")
+    monkeypatch.setenv("RNNJAX_FUSED_LSTM", "0")  # the loops' inference, not the fused loop's
     b, h = 512, 8  # 4096 units
     kernels, x, weights, state, mask = kernel_operands(name, b, h, seed=5, dense=False)
     args = (x, *weights, *state, mask)
@@ -334,6 +336,50 @@ def test_loops_with_onednn_matmul_equal_openblas_and_the_references(name, monkey
     plain = functools.partial(loss, cell._replace(sequence=None))
     step = jax.jit(jax.value_and_grad(plain, (0, 1)))
     assert_close(both(value_and_grad, params, x), tuple(step(params, x)))
+
+
+# (batch rows, hidden units) for the fused LSTM inference loop, covering how it splits a pass
+# (rnn_cpu.cc: FusedLstmThreads, FusedLstmByRows on a 2-core machine) and every row-tile
+# height 1-6: one thread (below 256 units), by rows (H <= 128, or 2 x 6 rows per thread), by
+# panels (H > 128 and few rows), hidden sizes that are not a multiple of 16 (a partial panel).
+FUSED_SHAPES = [(1, 5), (3, 20), (12, 16), (16, 20), (40, 20), (2, 200), (4, 150), (30, 130)]
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+def test_fused_lstm_inference_equals_the_other_loops_and_the_reference(monkeypatch):
+    """LSTM inference (a forward pass saving nothing) runs the fused AVX-512 loop where the
+    kernels were compiled for such a CPU (the default build on this one); with
+    RNNJAX_FUSED_LSTM=0 (read per call) the same compiled program runs what ran before:
+    oneDNN's LSTM primitive for unmasked sequences (in builds with oneDNN), rnnjax's loops for
+    masked ones. Both equal the reference primitive, for every way the fused loop splits its
+    work, both directions, padded and unpadded, and the final carry too."""
+    if not cpu_has_avx512() or os.environ.get("RNNJAX_NATIVE_CFLAGS"):
+        pytest.skip("the fused LSTM loop is compiled for CPUs with AVX-512 (-march=native)")
+    assert _native.fused_lstm()
+    monkeypatch.delenv("RNNJAX_FUSED_LSTM", raising=False)
+    for b, h in FUSED_SHAPES:
+        for dense in (True, False):
+            kernels, x, weights, state, mask = kernel_operands("lstm", b, h, seed=b, dense=dense)
+            args = (x, *weights, *state, mask)
+            for reverse in (False, True):
+                modes = {"reverse": reverse, "dense": dense and _native.onednn(), "save": False}
+                forward = jax.jit(functools.partial(kernels.forward.bind, checkpoint=0, **modes))
+                fused = tuple(jax.block_until_ready(forward(*args)))
+                monkeypatch.setenv("RNNJAX_FUSED_LSTM", "0")
+                other = tuple(jax.block_until_ready(forward(*args)))
+                monkeypatch.delenv("RNNJAX_FUSED_LSTM")
+                expected = native_kernels.reference(kernels.forward)(*args, **modes)
+                assert fused[0].shape == (b, T, h)
+                assert_close(fused, tuple(expected))
+                assert_close(other, tuple(expected))
+                assert not np.array_equal(fused[0], other[0])  # two loops ran, not one
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

@@ -13,6 +13,8 @@ runs inference over unmasked sequences (:func:`onednn`).
 :func:`available` says whether the kernels are loaded (``RNNJAX_NATIVE=0`` in the environment
 switches them off); :func:`unavailable_reason` says why not. Cells use them on the CPU backend
 only when available, and otherwise run the same recurrence as ``lax.scan`` loops.
+Compiled for a CPU with AVX-512, the library also has a fused LSTM inference loop
+(:func:`fused_lstm`; ``RNNJAX_FUSED_LSTM=0``, read at every call, switches it off).
 ``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off; ``RNNJAX_ONEDNN_MATMUL=0``
 (read by the kernels at every call) only its matmul in the loops, which then use OpenBLAS
 (``benchmarks/ab/onednn_matmul.py`` compares the two). ``RNNJAX_HUGEPAGES=0``
@@ -136,6 +138,20 @@ def onednn() -> bool:
     steps of 4096 units or more. True when the kernels are loaded, were built with oneDNN, and
     ``RNNJAX_ONEDNN=0`` is not set."""
     return available() and not _off("RNNJAX_ONEDNN") and bool(_LIBRARY[0].rnnjax_has_onednn())
+
+
+def fused_lstm() -> bool:
+    """Whether LSTM inference (a forward pass that saves nothing, padded or not) runs the
+    kernels' fused loop: per step, for 16 hidden units and up to 6 batch rows at a time, the
+    gate pre-activations ``[x_t, h] @ [W_i; W_h]`` accumulate in AVX-512 registers and the new
+    ``c``, ``h`` and ``y_t`` are computed from them (no gate array), on weights packed once per
+    call, on all cores. True when the kernels are loaded and were compiled for a CPU with
+    AVX-512 (``-march=native`` on one), and ``RNNJAX_FUSED_LSTM=0`` is not set (the kernels
+    read it at every call; with it 0 they run what they ran before: oneDNN's LSTM primitive
+    for unmasked sequences where :data:`rnnjax.cells._native.ONEDNN_MIN_UNITS` says so, else
+    their own loops)."""
+    built = available() and bool(_LIBRARY[0].rnnjax_has_fused_lstm())
+    return built and not _off("RNNJAX_FUSED_LSTM")
 
 
 @functools.cache

@@ -29,8 +29,10 @@
 
 #include <strings.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
@@ -38,7 +40,15 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -1009,6 +1019,335 @@ void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* g
   }
 }
 
+// ------------------------------------------------------------ fused LSTM inference (AVX-512)
+// An inference pass (nothing saved) of the LSTM in one loop nest per step, on 512-bit vectors:
+// for 16 hidden units and up to 6 batch rows at a time, the four gates' pre-activations
+// [x_t, h] @ [W_i; W_h] + b accumulate in 24 registers, and the gates, the new (c, h) and y_t
+// are computed from those registers before the next 16 units: no gate array, no separate
+// input projection, weights packed once per call into panels of 16 units x 4 gates. The
+// threads of the OpenMP team (in builds with oneDNN, which have one) share a pass by batch
+// rows (each runs its rows through all steps alone) or by panels (each keeps its panels in
+// its cache; a spin barrier ends each step): FusedLstmByRows. It replaces both the loops
+// above (one matmul call and one gate pass per step) and oneDNN's LSTM inference primitive
+// for inference: 0.40-0.88x the primitive's time at the benchmark's shapes, 0.5-0.98x at
+// others (BENCHMARKS.md). Built where the compiler targets AVX-512 (-march=native on such a
+// CPU); RNNJAX_FUSED_LSTM=0 (read per call) turns it off.
+#if defined(__AVX512F__)
+constexpr bool kFusedLstmBuilt = true;
+constexpr int64_t kUnits = 16;  // hidden units per panel; a panel row is 4 x 16 floats
+constexpr int kTileRows = 6;    // 6 rows x 4 gates = 24 accumulators of the 32 registers
+
+// tanh as Tanh above, 16 lanes at a time; the quotient by a reciprocal refined by one Newton
+// step (a few ulp more than a division, which would cost more than the rest of the gate).
+inline __m512 TanhV(__m512 x) {
+  const __m512 c = _mm512_set1_ps(7.90531110763549805f);
+  const __m512 y = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), c)), c);
+  const __m512 y2 = _mm512_mul_ps(y, y);
+  __m512 p = _mm512_fmadd_ps(y2, _mm512_set1_ps(-2.76076847742355e-16f),
+                             _mm512_set1_ps(2.00018790482477e-13f));
+  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(-8.60467152213735e-11f));
+  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(5.12229709037114e-08f));
+  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(1.48572235717979e-05f));
+  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(6.37261928875436e-04f));
+  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(4.89352455891786e-03f));
+  p = _mm512_mul_ps(p, y);
+  __m512 q = _mm512_fmadd_ps(y2, _mm512_set1_ps(1.19825839466702e-06f),
+                             _mm512_set1_ps(1.18534705686654e-04f));
+  q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(2.26843463243900e-03f));
+  q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(4.89352518554385e-03f));
+  __m512 r = _mm512_rcp14_ps(q);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));
+  const __m512 t = _mm512_mul_ps(p, r);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(
+      _mm512_abs_ps(y), _mm512_set1_ps(0.0004f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(tiny, t, y);
+}
+
+inline __m512 SigmoidV(__m512 x) {
+  const __m512 half = _mm512_set1_ps(0.5f);
+  return _mm512_fmadd_ps(half, TanhV(_mm512_mul_ps(half, x)), half);
+}
+
+// One call's operands. Hp is H rounded up to whole panels; the carry h and c live in (B, Hp)
+// arrays whose padding units stay zero (their weights are zero: every gate 0.5, c stays 0).
+struct FusedLstm {
+  int64_t B, T, I, H, Hp;
+  bool reverse;
+  const float* x;       // (B, T, I)
+  const bool* mask;     // (B, T)
+  const float* panels;  // Hp / 16 panels of (I + Hp, 64)
+  const float* bias;    // (Hp / 16, 64)
+  float* c;             // (B, Hp)
+  float* ys;            // (B, T, H)
+  bool ahead;           // prefetch panel rows (Accumulate): a panel is larger than 32 KiB
+};
+
+// Panels [first, last): panel j's row k holds the weights from input k (k < I, of W_i) or from
+// unit k - I of h (of W_h) to units 16 j .. 16 j + 15 of gates i, f, g, o, in that order.
+void PackLstmPanels(const float* w_i, const float* w_h, const float* bias, int64_t I, int64_t H,
+                    int64_t Hp, int64_t first, int64_t last, float* panels, float* panel_bias) {
+  const int64_t K = I + Hp, G = 4 * H;
+  for (int64_t j = first; j < last; ++j) {
+    float* p = panels + j * K * 64;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* w = k < I ? w_i + k * G : (k - I < H ? w_h + (k - I) * G : nullptr);
+      for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t u = 0; u < kUnits; ++u) {
+          const int64_t unit = j * kUnits + u;
+          p[k * 64 + q * kUnits + u] = w != nullptr && unit < H ? w[q * H + unit] : 0.0f;
+        }
+      }
+    }
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t u = 0; u < kUnits; ++u) {
+        const int64_t unit = j * kUnits + u;
+        panel_bias[j * 64 + q * kUnits + u] = unit < H ? bias[q * H + unit] : 0.0f;
+      }
+    }
+  }
+}
+
+// acc[r] += a[r][0 .. n) @ the panel rows p (n rows of 64). With `kAhead`, each row is asked
+// for 8 rows (2 KiB) before it is used: a panel larger than L1 streams from L2 or beyond, and
+// the hardware's prefetch alone left it waiting (LSTM 8x64x32x512: 6.1 vs 5.6 ms; 64x512:
+// 34.3 vs 32.8 ms; no gain where the panel stays in L1).
+template <int R, bool kAhead>
+inline void Accumulate(__m512 (&acc)[R][4], const float* const (&a)[R], const float* p,
+                       int64_t n) {
+  for (int64_t k = 0; k < n; ++k, p += 64) {
+    if (kAhead) {
+      for (int q = 0; q < 4; ++q) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + 8 * 64 + q * 16), _MM_HINT_T0);
+      }
+    }
+    const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16);
+    const __m512 w2 = _mm512_load_ps(p + 32), w3 = _mm512_load_ps(p + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_set1_ps(a[r][k]);
+      acc[r][0] = _mm512_fmadd_ps(v, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(v, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(v, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(v, w3, acc[r][3]);
+    }
+  }
+}
+
+// Rows b0 .. b0 + R - 1 of panel j at position t: h_in is the carry entering the step, h_out
+// gets the carry leaving it ((B, Hp) each), and c and y_t are written.
+template <int R>
+inline void FusedLstmTile(const FusedLstm& f, int64_t t, int64_t b0, int64_t j,
+                          const float* h_in, float* h_out) {
+  const int64_t I = f.I, Hp = f.Hp;
+  const float* p = f.panels + j * (I + Hp) * 64;
+  __m512 acc[R][4];  // not from the bias: GCC made that a store and a stalling reload
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+  }
+  const float* a[R];
+  for (int r = 0; r < R; ++r) a[r] = f.x + ((b0 + r) * f.T + t) * I;
+  f.ahead ? Accumulate<R, true>(acc, a, p, I) : Accumulate<R, false>(acc, a, p, I);
+  for (int r = 0; r < R; ++r) a[r] = h_in + (b0 + r) * Hp;
+  p += I * 64;
+  f.ahead ? Accumulate<R, true>(acc, a, p, Hp) : Accumulate<R, false>(acc, a, p, Hp);
+  const int64_t u0 = j * kUnits;
+  const int64_t left = f.H - u0;
+  const __mmask16 units = left >= kUnits ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+  const float* bias = f.bias + j * 64;
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r;
+    float* c = f.c + b * Hp + u0;
+    float* y = f.ys + (b * f.T + t) * f.H + u0;
+    if (!f.mask[b * f.T + t]) {  // a padded step: the carry is kept, y_t = 0
+      _mm512_store_ps(h_out + b * Hp + u0, _mm512_load_ps(h_in + b * Hp + u0));
+      _mm512_mask_storeu_ps(y, units, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 i = SigmoidV(_mm512_add_ps(acc[r][0], _mm512_load_ps(bias)));
+    const __m512 fg = SigmoidV(_mm512_add_ps(acc[r][1], _mm512_load_ps(bias + kUnits)));
+    const __m512 g = TanhV(_mm512_add_ps(acc[r][2], _mm512_load_ps(bias + 2 * kUnits)));
+    const __m512 o = SigmoidV(_mm512_add_ps(acc[r][3], _mm512_load_ps(bias + 3 * kUnits)));
+    const __m512 c_new = _mm512_fmadd_ps(fg, _mm512_load_ps(c), _mm512_mul_ps(i, g));
+    const __m512 h_new = _mm512_mul_ps(o, TanhV(c_new));
+    _mm512_store_ps(c, c_new);
+    _mm512_store_ps(h_out + b * Hp + u0, h_new);
+    _mm512_mask_storeu_ps(y, units, h_new);
+  }
+}
+
+// FusedLstmTile for R = 1 .. kTileRows rows.
+inline void FusedLstmRows(const FusedLstm& f, int64_t t, int64_t b0, int64_t R, int64_t j,
+                          const float* h_in, float* h_out) {
+  switch (R) {
+    case 1: return FusedLstmTile<1>(f, t, b0, j, h_in, h_out);
+    case 2: return FusedLstmTile<2>(f, t, b0, j, h_in, h_out);
+    case 3: return FusedLstmTile<3>(f, t, b0, j, h_in, h_out);
+    case 4: return FusedLstmTile<4>(f, t, b0, j, h_in, h_out);
+    case 5: return FusedLstmTile<5>(f, t, b0, j, h_in, h_out);
+    default: return FusedLstmTile<kTileRows>(f, t, b0, j, h_in, h_out);
+  }
+}
+
+// A barrier for the threads of one pass that spins (a step lasts microseconds; a futex wake-up
+// would cost more), yielding the core now and then in case it is oversubscribed.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void Reset(int n) { n_ = n; }  // before anyone waits
+  void Wait() {
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 1; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins % 4096 == 0) {
+        std::this_thread::yield();
+      } else {
+        _mm_pause();
+      }
+    }
+  }
+
+ private:
+  int n_;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> gen_{0};
+};
+
+// Thread `id` of `n`: packs its share of the panels, then runs every step on its share of the
+// work, which is either some of the rows with all panels (`by_rows`: the threads never wait
+// for each other) or all rows with some of the panels (every step ends at the barrier, as
+// each thread's carry feeds the others'). h holds two (B, Hp) carries, the one entering step
+// s at s % 2.
+void FusedLstmThread(const FusedLstm& f, const float* w_i, const float* w_h, const float* bias,
+                     float* panels, float* panel_bias, float* h, int id, int n, bool by_rows,
+                     SpinBarrier& barrier) {
+  const int64_t panels_n = f.Hp / kUnits;
+  PackLstmPanels(w_i, w_h, bias, f.I, f.H, f.Hp, panels_n * id / n, panels_n * (id + 1) / n,
+                 panels, panel_bias);
+  const int64_t first = by_rows ? 0 : panels_n * id / n;
+  const int64_t last = by_rows ? panels_n : panels_n * (id + 1) / n;
+  const int64_t row0 = by_rows ? f.B * id / n : 0;
+  const int64_t rows = by_rows ? f.B * (id + 1) / n - row0 : f.B;
+  // Row tiles of near-equal height (e.g. 32 rows: 5, 5, 5, 5, 6, 6 rather than 6 x 5 and 2).
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  barrier.Wait();  // every panel packed
+  for (int64_t s = 0; s < f.T; ++s) {
+    const int64_t t = Position(s, f.T, f.reverse);
+    const float* h_in = h + (s % 2) * f.B * f.Hp;
+    float* h_out = h + ((s + 1) % 2) * f.B * f.Hp;
+    if (!by_rows) {
+      // The carry entering the step was written by every thread: ask for all of its lines at
+      // once (each tile would otherwise wait for the other cores' lines one by one).
+      for (const float* at = h_in; at < h_in + f.B * f.Hp; at += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
+      }
+    }
+    if (s + 1 < f.T) {  // and the next step's inputs
+      const int64_t next = Position(s + 1, f.T, f.reverse);
+      for (int64_t b = row0; b < row0 + rows; ++b) {
+        const float* row = f.x + (b * f.T + next) * f.I;
+        for (int64_t i = 0; i < f.I; i += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+        }
+      }
+    }
+    for (int64_t j = first; j < last; ++j) {
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t b0 = row0 + rows * tile / tiles, b1 = row0 + rows * (tile + 1) / tiles;
+        FusedLstmRows(f, t, b0, b1 - b0, j, h_in, h_out);
+      }
+    }
+    if (!by_rows) barrier.Wait();
+  }
+}
+
+// Threads for a pass of B rows and H units: one per panel at most, and one alone when a step
+// is too small to share (below kFusedShareUnits batch x hidden units).
+constexpr int64_t kFusedShareUnits = 256;
+
+// How `threads` share a pass (FusedLstmThread): by rows where every thread can keep all the
+// panels in its L2 cache (at most 3/4 of it) and either the panels are few (H <= 128: per
+// step, the barrier would cost about as much as the arithmetic) or each thread has two full
+// row tiles; otherwise by panels. Measured on a 2-core AVX-512 CPU (2 MiB L2 per core), LSTM
+// inference ms by panels / by rows: 16x256x32x64 0.98 / 0.85, 32x128x64x256 8.6 / 8.1,
+// 64x64x128x512 32.8 / 36.7 (5.2 MiB of panels), 16x42x32x256 1.44 / 1.59, 2x339x32x256
+// 2.03 / 2.87.
+bool FusedLstmByRows(int64_t B, int64_t I, int64_t Hp, int threads) {
+  static const int64_t l2 = [] {
+    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return bytes > 0 ? int64_t{bytes} : int64_t{1} << 20;
+  }();
+  const int64_t panel_bytes = (I + Hp) * Hp * 4 * int64_t{sizeof(float)};
+  return threads > 1 && 4 * panel_bytes <= 3 * l2 &&
+         (Hp <= 128 || B >= 2 * kTileRows * threads);
+}
+
+int FusedLstmThreads(int64_t B, int64_t Hp) {
+#ifdef _OPENMP
+  if (B * Hp < kFusedShareUnits) return 1;
+  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), Hp / kUnits));
+#else
+  (void)B;
+  (void)Hp;
+  return 1;
+#endif
+}
+
+// The whole inference pass: ys, and the final carry into h_last, c_last.
+ffi::Error FusedLstmForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
+                            const float* x, const float* w_i, const float* bias, const float* w_h,
+                            const float* h0, const float* c0, const bool* mask, float* ys,
+                            float* h_last, float* c_last) {
+  const int64_t Hp = (H + kUnits - 1) / kUnits * kUnits;
+  const int threads = FusedLstmThreads(B, Hp);
+  return OnMatmulThread(threads > 1, [&]() -> ffi::Error {
+    Work panels(0, (I + Hp) * Hp * 4), panel_bias(1, Hp * 4), carry(2, 3 * B * Hp);
+    float* h = carry.data();  // two h arrays, then c
+    float* c = h + 2 * B * Hp;
+    std::fill(h, h + 3 * B * Hp, 0.0f);
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(h + b * Hp, h0 + b * H, sizeof(float) * H);
+      std::memcpy(c + b * Hp, c0 + b * H, sizeof(float) * H);
+    }
+    HugePages(ys, sizeof(float) * B * T * H);
+    const bool ahead = (I + Hp) * 64 * sizeof(float) > (size_t{32} << 10);
+    const FusedLstm f{B, T, I, H, Hp, reverse, x, mask, panels.data(), panel_bias.data(), c, ys,
+                      ahead};
+    SpinBarrier barrier(threads);
+    if (threads > 1) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+      {
+        // OpenMP may start fewer threads than asked for: the work and the barrier are the
+        // team's.
+        const int n = omp_get_num_threads();
+#pragma omp single
+        barrier.Reset(n);  // (single ends in OpenMP's barrier: no one waits before this)
+        FusedLstmThread(f, w_i, w_h, bias, panels.data(), panel_bias.data(), h,
+                        omp_get_thread_num(), n, FusedLstmByRows(B, I, Hp, n), barrier);
+      }
+#endif
+    } else {
+      FusedLstmThread(f, w_i, w_h, bias, panels.data(), panel_bias.data(), h, 0, 1, false,
+                      barrier);
+    }
+    const float* h_end = h + (T % 2) * B * Hp;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(h_last + b * H, h_end + b * Hp, sizeof(float) * H);
+      std::memcpy(c_last + b * H, c + b * Hp, sizeof(float) * H);
+    }
+    return ffi::Error::Success();
+  });
+}
+#else
+constexpr bool kFusedLstmBuilt = false;
+#endif
+
+// Whether an inference pass runs FusedLstmForward: built with it, and RNNJAX_FUSED_LSTM is not 0.
+bool FusedLstmOn() { return kFusedLstmBuilt && EnvOn("RNNJAX_FUSED_LSTM"); }
+
 // [W_i; W_h] as one (I + H, 4H) matrix, in Work slot 0.
 float* Stacked(const Work& work, const float* w_i, const float* w_h, int64_t I, int64_t H,
                int64_t G) {
@@ -1033,6 +1372,14 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return err;
   }
   const int64_t B = f.B, T = f.T, I = f.I, H = f.H, G = 4 * H;
+#if defined(__AVX512F__)
+  if (!save && FusedLstmOn()) {
+    return FusedLstmForward(B, T, I, H, reverse, x.typed_data(), w_i.typed_data(),
+                            bias.typed_data(), w_h.typed_data(), h0.typed_data(),
+                            c0.typed_data(), mask.typed_data(), ys->typed_data(),
+                            h_last->typed_data(), c_last->typed_data());
+  }
+#endif
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
     return DnnlThread::Run([&] {
@@ -1723,6 +2070,9 @@ __attribute__((visibility("default"))) int rnnjax_has_onednn() {
   return 0;
 #endif
 }
+
+// Whether this build has the fused LSTM inference kernel (FusedLstmForward: AVX-512).
+__attribute__((visibility("default"))) int rnnjax_has_fused_lstm() { return kFusedLstmBuilt; }
 
 // Bytes of a dense LSTM's (gru = 0) or GRU's (gru = 1) saved workspace for a (B, T, I) input
 // and H units; -1 without oneDNN or on failure.
