@@ -108,9 +108,10 @@ def test_large_steps_pick_their_loop():
     """A masked forward pass alone with batch * hidden >= INFERENCE_MAX_UNITS runs the kernels'
     loop where they do their matmuls with oneDNN, and XLA's loop where they would use OpenBLAS
     (measured faster there); its gradient runs the kernels either way. Unmasked, inference
-    is lowered for oneDNN's RNN primitive (when built with it; the fused LSTM loop takes it
-    instead where built, see the next test) and training for rnnjax's loops, never the
-    primitive (ONEDNN_MIN_UNITS). Values agree in every case."""
+    is lowered for oneDNN's RNN primitive (when built with it; the AVX-512 loops take it
+    instead where built: test_avx512_loops_equal_the_other_loops_and_the_reference) and
+    training for rnnjax's loops, never the primitive (ONEDNN_MIN_UNITS). Values agree in every
+    case."""
     b, h = 128, native_kernels.INFERENCE_MAX_UNITS // 128
     cell = rj.cells.lstm(h)
     params = cell.init(jax.random.key(0), I)
@@ -217,16 +218,19 @@ def test_vmap_over_params_falls_back_to_the_references(name):
     assert_close(run(cell), run(cell._replace(sequence=None)))
 
 
-def kernel_operands(name, b, h, *, seed, dense):
+def kernel_operands(name, b, h, *, seed, dense, scale=0.4):
     """A cell's primitives and random operands for them over ``b`` rows of ``h`` units, T steps
-    of I inputs: x, the weights (w_i, b, w_h, ...), the initial state and the mask (all True
-    when ``dense``, else about 30% of steps padding)."""
+    of I inputs: x, the weights (w_i, b, w_h, ...; w_h's entries ``scale`` times standard
+    normal ones), the initial state and the mask (all True when ``dense``, else about 30% of
+    steps padding). The primitives lower to the kernels from here on (``ready`` registers that
+    lowering; before it, they lower to their references)."""
+    assert native_kernels.ready()
     kernels = native_kernels.LSTM if name == "lstm" else native_kernels.GRU
     g = 4 if name == "lstm" else 3
     k = iter(jax.random.split(jax.random.key(seed), 12))
     x = jax.random.normal(next(k), (b, T, I))
     w_i = 0.5 * jax.random.normal(next(k), (I, g * h))
-    w_h = 0.4 * jax.random.normal(next(k), (h, g * h))
+    w_h = scale * jax.random.normal(next(k), (h, g * h))
     biases = [0.1 * jax.random.normal(next(k), (g * h,)) for _ in range(kernels.n_weights - 2)]
     weights = (w_i, biases[0], w_h, *biases[1:])
     state = tuple(jax.random.normal(next(k), (kernels.n_state, b, h)))
@@ -291,7 +295,7 @@ def test_loops_with_onednn_matmul_equal_openblas_and_the_references(name, monkey
     directions."""
     if not _native.onednn():
         pytest.skip(f"rnnjax was built without oneDNN here: {_native.unavailable_reason()}")
-    monkeypatch.setenv("RNNJAX_FUSED_LSTM", "0")  # the loops' inference, not the fused loop's
+    monkeypatch.setenv("RNNJAX_AVX512", "0")  # the loops' forward passes, not the AVX-512 ones
     b, h = 512, 8  # 4096 units
     kernels, x, weights, state, mask = kernel_operands(name, b, h, seed=5, dense=False)
     args = (x, *weights, *state, mask)
@@ -338,11 +342,13 @@ def test_loops_with_onednn_matmul_equal_openblas_and_the_references(name, monkey
     assert_close(both(value_and_grad, params, x), tuple(step(params, x)))
 
 
-# (batch rows, hidden units) for the fused LSTM inference loop, covering how it splits a pass
-# (rnn_cpu.cc: FusedLstmThreads, FusedLstmByRows on a 2-core machine) and every row-tile
-# height 1-6: one thread (below 256 units), by rows (H <= 128, or 2 x 6 rows per thread), by
-# panels (H > 128 and few rows), hidden sizes that are not a multiple of 16 (a partial panel).
-FUSED_SHAPES = [(1, 5), (3, 20), (12, 16), (16, 20), (40, 20), (2, 200), (4, 150), (30, 130)]
+# (batch rows, hidden units) for the AVX-512 loops, covering how they split a pass (rnn_cpu.cc:
+# FusedThreads, FusedByRows on a 2-core machine) and every row-tile height 1-6: one thread
+# (below 256 units), by rows (H <= 128, or 2 x 6 rows per thread), by panels (H > 128 and few
+# rows), hidden sizes that are not a multiple of 16 (a partial panel). The last two have steps
+# of 4096 units or more, where training's forward pass runs them too (with oneDNN).
+AVX512_SHAPES = [(1, 5), (3, 20), (12, 16), (16, 20), (40, 20), (2, 200), (4, 150), (30, 130)]
+AVX512_SHAPES += [(256, 20), (8, 520)]
 
 
 def cpu_has_avx512() -> bool:
@@ -353,33 +359,45 @@ def cpu_has_avx512() -> bool:
         return False
 
 
-def test_fused_lstm_inference_equals_the_other_loops_and_the_reference(monkeypatch):
-    """LSTM inference (a forward pass saving nothing) runs the fused AVX-512 loop where the
-    kernels were compiled for such a CPU (the default build on this one); with
-    RNNJAX_FUSED_LSTM=0 (read per call) the same compiled program runs what ran before:
-    oneDNN's LSTM primitive for unmasked sequences (in builds with oneDNN), rnnjax's loops for
-    masked ones. Both equal the reference primitive, for every way the fused loop splits its
-    work, both directions, padded and unpadded, and the final carry too."""
+@pytest.mark.parametrize("name", list(CELLS))
+def test_avx512_loops_equal_the_other_loops_and_the_reference(name, monkeypatch):
+    """Forward passes that save nothing (inference) or every step (training, not
+    checkpointed, steps of 4096 units or more, with oneDNN) run the AVX-512 loops where the
+    kernels were compiled for such a CPU (the default build on this one; the kernels count the
+    passes they run); with RNNJAX_AVX512=0 (read per call) the same compiled program runs what
+    ran before: oneDNN's RNN primitive for unmasked inference (in builds with oneDNN), rnnjax's
+    loops otherwise. Both equal the reference primitive, outputs, final carry and saved
+    residuals, for every way the loops split their work, both directions, padded and
+    unpadded."""
     if not cpu_has_avx512() or os.environ.get("RNNJAX_NATIVE_CFLAGS"):
-        pytest.skip("the fused LSTM loop is compiled for CPUs with AVX-512 (-march=native)")
-    assert _native.fused_lstm()
-    monkeypatch.delenv("RNNJAX_FUSED_LSTM", raising=False)
-    for b, h in FUSED_SHAPES:
+        pytest.skip("the AVX-512 loops are compiled for CPUs with AVX-512 (-march=native)")
+    assert _native.avx512()
+    monkeypatch.delenv("RNNJAX_AVX512", raising=False)
+    for b, h in AVX512_SHAPES:
         for dense in (True, False):
-            kernels, x, weights, state, mask = kernel_operands("lstm", b, h, seed=b, dense=dense)
+            # w_h at most 2 / sqrt(h): pre-activations of a few units, as initializers make them
+            # (at 0.4, those of 520 units summed 523 terms of ~9 and differed by 8e-5)
+            kernels, x, weights, state, mask = kernel_operands(
+                name, b, h, seed=b, dense=dense, scale=min(0.4, 2 / h**0.5)
+            )
             args = (x, *weights, *state, mask)
-            for reverse in (False, True):
-                modes = {"reverse": reverse, "dense": dense and _native.onednn(), "save": False}
-                forward = jax.jit(functools.partial(kernels.forward.bind, checkpoint=0, **modes))
+            for reverse, save in ((False, False), (True, False), (not dense, True)):
+                modes = {"reverse": reverse, "save": save, "checkpoint": 0}
+                modes["dense"] = dense and not save and _native.onednn()
+                forward = jax.jit(functools.partial(kernels.forward.bind, **modes))
+                forward.lower(*args).compile()
+                passes = _native.avx512_passes()
                 fused = tuple(jax.block_until_ready(forward(*args)))
-                monkeypatch.setenv("RNNJAX_FUSED_LSTM", "0")
+                fused_ran = not save or (b * h >= 4096 and _native.onednn())
+                assert _native.avx512_passes() == passes + fused_ran
+                monkeypatch.setenv("RNNJAX_AVX512", "0")
                 other = tuple(jax.block_until_ready(forward(*args)))
-                monkeypatch.delenv("RNNJAX_FUSED_LSTM")
+                monkeypatch.delenv("RNNJAX_AVX512")
+                assert _native.avx512_passes() == passes + fused_ran
                 expected = native_kernels.reference(kernels.forward)(*args, **modes)
                 assert fused[0].shape == (b, T, h)
                 assert_close(fused, tuple(expected))
                 assert_close(other, tuple(expected))
-                assert not np.array_equal(fused[0], other[0])  # two loops ran, not one
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

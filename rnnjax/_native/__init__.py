@@ -13,8 +13,9 @@ runs inference over unmasked sequences (:func:`onednn`).
 :func:`available` says whether the kernels are loaded (``RNNJAX_NATIVE=0`` in the environment
 switches them off); :func:`unavailable_reason` says why not. Cells use them on the CPU backend
 only when available, and otherwise run the same recurrence as ``lax.scan`` loops.
-Compiled for a CPU with AVX-512, the library also has a fused LSTM inference loop
-(:func:`fused_lstm`; ``RNNJAX_FUSED_LSTM=0``, read at every call, switches it off).
+Compiled for a CPU with AVX-512, the library also has loops that fuse each step's gate
+arithmetic into its matmul, for forward passes (:func:`avx512`; ``RNNJAX_AVX512=0``, read at
+every call, switches them off).
 ``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off; ``RNNJAX_ONEDNN_MATMUL=0``
 (read by the kernels at every call) only its matmul in the loops, which then use OpenBLAS
 (``benchmarks/ab/onednn_matmul.py`` compares the two). ``RNNJAX_HUGEPAGES=0``
@@ -111,6 +112,7 @@ def _load() -> str | None:
         lib = ctypes.CDLL(str(path))
         lib.rnnjax_set_sgemm(ctypes.c_void_p(sgemm))
         lib.rnnjax_workspace_bytes.restype = ctypes.c_int64
+        lib.rnnjax_avx512_passes.restype = ctypes.c_int64
         lib.rnnjax_workspace_bytes.argtypes = [ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_int]
         for target, symbol in TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
@@ -140,18 +142,25 @@ def onednn() -> bool:
     return available() and not _off("RNNJAX_ONEDNN") and bool(_LIBRARY[0].rnnjax_has_onednn())
 
 
-def fused_lstm() -> bool:
-    """Whether LSTM inference (a forward pass that saves nothing, padded or not) runs the
-    kernels' fused loop: per step, for 16 hidden units and up to 6 batch rows at a time, the
-    gate pre-activations ``[x_t, h] @ [W_i; W_h]`` accumulate in AVX-512 registers and the new
-    ``c``, ``h`` and ``y_t`` are computed from them (no gate array), on weights packed once per
-    call, on all cores. True when the kernels are loaded and were compiled for a CPU with
-    AVX-512 (``-march=native`` on one), and ``RNNJAX_FUSED_LSTM=0`` is not set (the kernels
-    read it at every call; with it 0 they run what they ran before: oneDNN's LSTM primitive
-    for unmasked sequences where :data:`rnnjax.cells._native.ONEDNN_MIN_UNITS` says so, else
-    their own loops)."""
-    built = available() and bool(_LIBRARY[0].rnnjax_has_fused_lstm())
-    return built and not _off("RNNJAX_FUSED_LSTM")
+def avx512() -> bool:
+    """Whether forward passes of the LSTM and the GRU run the kernels' AVX-512 loops:
+    inference (saving nothing, padded or not) and the forward pass of training (saving every
+    step; not checkpointed ``remat`` passes). Per step, for 16 hidden units and up to 6 batch
+    rows at a time, the gate pre-activations ``[x_t, h] @ [W_i; W_h]`` accumulate in vector
+    registers and the new carry and ``y_t`` are computed from them (no gate array), on weights
+    packed once per call, on all cores. True when the kernels are loaded and were compiled for
+    a CPU with AVX-512 (``-march=native`` on one), and ``RNNJAX_AVX512=0`` is not set (the
+    kernels read it at every call; with it 0 they run what they ran before: oneDNN's RNN
+    primitive for unmasked inference where :data:`rnnjax.cells._native.ONEDNN_MIN_UNITS` says
+    so, else their own loops)."""
+    built = available() and bool(_LIBRARY[0].rnnjax_has_avx512())
+    return built and not _off("RNNJAX_AVX512")
+
+
+def avx512_passes() -> int:
+    """How many forward passes the AVX-512 loops have run in this process (0 without them):
+    which loop ran, for tests and benchmarks."""
+    return int(_LIBRARY[0].rnnjax_avx512_passes()) if available() else 0
 
 
 @functools.cache

@@ -1019,23 +1019,24 @@ void LstmBackSteps(const LstmPass& p, int64_t begin, int64_t end, const float* g
   }
 }
 
-// ------------------------------------------------------------ fused LSTM inference (AVX-512)
-// An inference pass (nothing saved) of the LSTM in one loop nest per step, on 512-bit vectors:
-// for 16 hidden units and up to 6 batch rows at a time, the four gates' pre-activations
-// [x_t, h] @ [W_i; W_h] + b accumulate in 24 registers, and the gates, the new (c, h) and y_t
-// are computed from those registers before the next 16 units: no gate array, no separate
-// input projection, weights packed once per call into panels of 16 units x 4 gates. The
-// threads of the OpenMP team (in builds with oneDNN, which have one) share a pass by batch
-// rows (each runs its rows through all steps alone) or by panels (each keeps its panels in
-// its cache; a spin barrier ends each step): FusedLstmByRows. It replaces both the loops
-// above (one matmul call and one gate pass per step) and oneDNN's LSTM inference primitive
-// for inference: 0.40-0.88x the primitive's time at the benchmark's shapes, 0.5-0.98x at
-// others (BENCHMARKS.md). Built where the compiler targets AVX-512 (-march=native on such a
-// CPU); RNNJAX_FUSED_LSTM=0 (read per call) turns it off.
+// --------------------------------------------------------------- the AVX-512 loops (fused)
+// A forward pass of the LSTM or the GRU in one loop nest per step, on 512-bit vectors: for 16
+// hidden units and up to 6 batch rows at a time, the gates' pre-activations from x_t and h
+// accumulate in 24 registers (4 per row: the LSTM's i, f, g, o; the GRU's r, z, and the input
+// and recurrent parts of n), and the gates, the new carry and y_t are computed from those
+// registers before the next 16 units: no gate array, no separate input projection, weights
+// packed once per call into panels of 16 units. The threads of the OpenMP team (in builds with
+// oneDNN, which have one) share a pass by batch rows (each runs its rows through all steps
+// alone) or by panels (each keeps its panels in its cache; a spin barrier ends each step):
+// FusedByRows. For inference (nothing saved) and for the forward pass of training (saving
+// h_prev and the gates of every step, not checkpoints), it replaces the loops below (a matmul
+// call and a gate pass per step) and oneDNN's RNN primitives (BENCHMARKS.md has the timings).
+// Built where the compiler targets AVX-512 (-march=native on such a CPU); RNNJAX_AVX512=0
+// (read per call) turns it off.
 #if defined(__AVX512F__)
-constexpr bool kFusedLstmBuilt = true;
-constexpr int64_t kUnits = 16;  // hidden units per panel; a panel row is 4 x 16 floats
-constexpr int kTileRows = 6;    // 6 rows x 4 gates = 24 accumulators of the 32 registers
+constexpr bool kFusedBuilt = true;
+constexpr int64_t kUnits = 16;  // hidden units per panel
+constexpr int kTileRows = 6;    // 6 rows x 4 accumulators = 24 of the 32 vector registers
 
 // tanh as Tanh above, 16 lanes at a time; the quotient by a reciprocal refined by one Newton
 // step (a few ulp more than a division, which would cost more than the rest of the gate).
@@ -1068,122 +1069,193 @@ inline __m512 SigmoidV(__m512 x) {
   return _mm512_fmadd_ps(half, TanhV(_mm512_mul_ps(half, x)), half);
 }
 
-// One call's operands. Hp is H rounded up to whole panels; the carry h and c live in (B, Hp)
-// arrays whose padding units stay zero (their weights are zero: every gate 0.5, c stays 0).
-struct FusedLstm {
+// One call's operands. Hp is H rounded up to whole panels; the carry (h, and the LSTM's c)
+// lives in (B, Hp) arrays whose padding units stay zero (their weights and biases are zero:
+// an LSTM's gates are 0.5 there and c stays 0; a GRU's h' = (n + h) / 2 = 0).
+struct Fused {
   int64_t B, T, I, H, Hp;
   bool reverse;
   const float* x;       // (B, T, I)
   const bool* mask;     // (B, T)
-  const float* panels;  // Hp / 16 panels of (I + Hp, 64)
-  const float* bias;    // (Hp / 16, 64)
-  float* c;             // (B, Hp)
+  const float* panels;  // Hp / 16 panels of I + Hp rows of G x 16 floats (PackPanels)
+  const float* bias;    // (Hp / 16, 4 x 16): four bias vectors per panel
+  float* c;             // the LSTM's cell state (B, Hp); null for the GRU
   float* ys;            // (B, T, H)
+  float* h_prev;        // (B, T, H), h entering each step; null unless saving
+  float* res;           // (B, T, W H), the gates of each step (as the loops save them) or null
   bool ahead;           // prefetch panel rows (Accumulate): a panel is larger than 32 KiB
 };
 
-// Panels [first, last): panel j's row k holds the weights from input k (k < I, of W_i) or from
-// unit k - I of h (of W_h) to units 16 j .. 16 j + 15 of gates i, f, g, o, in that order.
-void PackLstmPanels(const float* w_i, const float* w_h, const float* bias, int64_t I, int64_t H,
-                    int64_t Hp, int64_t first, int64_t last, float* panels, float* panel_bias) {
-  const int64_t K = I + Hp, G = 4 * H;
+// Panels [first, last) of a cell with G gates: panel j's row k holds the weights from input k
+// (k < I, of W_i) or from unit k - I of h (of W_h) to units 16 j .. 16 j + 15 of each gate, in
+// gate order. Its four bias vectors come from bias4 (4 H: the cell's, FusedLstmCell/GruCell).
+void PackPanels(int64_t G, const float* w_i, const float* w_h, const float* bias4, int64_t I,
+                int64_t H, int64_t Hp, int64_t first, int64_t last, float* panels,
+                float* panel_bias) {
+  const int64_t K = I + Hp, GH = G * H;
   for (int64_t j = first; j < last; ++j) {
-    float* p = panels + j * K * 64;
+    float* p = panels + j * K * G * kUnits;
     for (int64_t k = 0; k < K; ++k) {
-      const float* w = k < I ? w_i + k * G : (k - I < H ? w_h + (k - I) * G : nullptr);
-      for (int64_t q = 0; q < 4; ++q) {
+      const float* w = k < I ? w_i + k * GH : (k - I < H ? w_h + (k - I) * GH : nullptr);
+      for (int64_t q = 0; q < G; ++q) {
         for (int64_t u = 0; u < kUnits; ++u) {
           const int64_t unit = j * kUnits + u;
-          p[k * 64 + q * kUnits + u] = w != nullptr && unit < H ? w[q * H + unit] : 0.0f;
+          p[(k * G + q) * kUnits + u] = w != nullptr && unit < H ? w[q * H + unit] : 0.0f;
         }
       }
     }
     for (int64_t q = 0; q < 4; ++q) {
       for (int64_t u = 0; u < kUnits; ++u) {
         const int64_t unit = j * kUnits + u;
-        panel_bias[j * 64 + q * kUnits + u] = unit < H ? bias[q * H + unit] : 0.0f;
+        panel_bias[(j * 4 + q) * kUnits + u] = unit < H ? bias4[q * H + unit] : 0.0f;
       }
     }
   }
 }
 
-// acc[r] += a[r][0 .. n) @ the panel rows p (n rows of 64). With `kAhead`, each row is asked
-// for 8 rows (2 KiB) before it is used: a panel larger than L1 streams from L2 or beyond, and
-// the hardware's prefetch alone left it waiting (LSTM 8x64x32x512: 6.1 vs 5.6 ms; 64x512:
-// 34.3 vs 32.8 ms; no gain where the panel stays in L1).
-template <int R, bool kAhead>
+// acc[r] += a[r][0 .. n) @ the panel rows p (n rows of V vectors): vectors 0, 1 into
+// accumulators 0, 1, vector 2 into accumulator kThird, vector 3 (V = 4) into 3. With kAhead,
+// each row is asked for 8 rows before it is used: a panel larger than L1 streams from L2 or
+// beyond, and the hardware's prefetch alone left it waiting (LSTM inference 8x64x32x512: 6.1
+// vs 5.6 ms; 64x64x128x512: 34.3 vs 32.8 ms; no gain where a panel stays in L1).
+template <int R, int V, int kThird, bool kAhead>
 inline void Accumulate(__m512 (&acc)[R][4], const float* const (&a)[R], const float* p,
                        int64_t n) {
-  for (int64_t k = 0; k < n; ++k, p += 64) {
+  for (int64_t k = 0; k < n; ++k, p += V * kUnits) {
     if (kAhead) {
-      for (int q = 0; q < 4; ++q) {
-        _mm_prefetch(reinterpret_cast<const char*>(p + 8 * 64 + q * 16), _MM_HINT_T0);
+      for (int q = 0; q < V; ++q) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + (8 * V + q) * kUnits), _MM_HINT_T0);
       }
     }
-    const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16);
-    const __m512 w2 = _mm512_load_ps(p + 32), w3 = _mm512_load_ps(p + 48);
+    __m512 w[V];
+    for (int q = 0; q < V; ++q) w[q] = _mm512_load_ps(p + q * kUnits);
     for (int r = 0; r < R; ++r) {
       const __m512 v = _mm512_set1_ps(a[r][k]);
-      acc[r][0] = _mm512_fmadd_ps(v, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(v, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(v, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(v, w3, acc[r][3]);
+      acc[r][0] = _mm512_fmadd_ps(v, w[0], acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(v, w[1], acc[r][1]);
+      acc[r][kThird] = _mm512_fmadd_ps(v, w[2], acc[r][kThird]);
+      if (V == 4) acc[r][3] = _mm512_fmadd_ps(v, w[V - 1], acc[r][3]);
     }
   }
 }
 
+// Where one row's step puts things: its 16 units of h entering and leaving the step, of y_t,
+// of h_prev and res (or null), which of them are units (the last panel's may be partial), and
+// whether the step is real (else the carry is kept and y_t = 0).
+struct RowStep {
+  const float* h_in;
+  float* h_out;
+  float* y;
+  float* h_prev;
+  float* res;
+  __mmask16 units;
+  bool real;
+};
+
+// A row's step ends here: h_out gets the new h where the step is real and h entering where
+// not, y_t the new h or zeros, h_prev (when saving) h entering.
+inline void Advance(const RowStep& s, __m512 h_new) {
+  const __m512 h = _mm512_load_ps(s.h_in);
+  if (s.h_prev != nullptr) _mm512_mask_storeu_ps(s.h_prev, s.units, h);
+  _mm512_store_ps(s.h_out, s.real ? h_new : h);
+  _mm512_mask_storeu_ps(s.y, s.units, s.real ? h_new : _mm512_setzero_ps());
+}
+
+// The LSTM: accumulators i, f, g, o; bias4 = b; res = [i, f, g, o, c entering, tanh(c leaving)].
+struct FusedLstmCell {
+  static constexpr int kGates = 4, kThirdFromH = 2, kResWidth = 6;
+  static void Row(const __m512 (&z)[4], const float* bias, float* c, int64_t H, const RowStep& s) {
+    const __m512 i = SigmoidV(_mm512_add_ps(z[0], _mm512_load_ps(bias)));
+    const __m512 f = SigmoidV(_mm512_add_ps(z[1], _mm512_load_ps(bias + kUnits)));
+    const __m512 g = TanhV(_mm512_add_ps(z[2], _mm512_load_ps(bias + 2 * kUnits)));
+    const __m512 o = SigmoidV(_mm512_add_ps(z[3], _mm512_load_ps(bias + 3 * kUnits)));
+    const __m512 c_in = _mm512_load_ps(c);
+    const __m512 c_out = _mm512_fmadd_ps(f, c_in, _mm512_mul_ps(i, g));
+    const __m512 tc = TanhV(c_out);
+    const __m512 h_out = _mm512_mul_ps(o, tc);
+    if (s.res != nullptr) {
+      const __m512 parts[6] = {i, f, g, o, c_in, tc};
+      for (int q = 0; q < 6; ++q) _mm512_mask_storeu_ps(s.res + q * H, s.units, parts[q]);
+    }
+    Advance(s, h_out);
+    if (s.real) _mm512_store_ps(c, c_out);
+  }
+};
+
+// The GRU (reset after): accumulators r, z and n's input part (x W_in) and recurrent part
+// (h W_hn); bias4 = [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]; res = [r, z, n, h W_hn + b_hn].
+struct FusedGruCell {
+  static constexpr int kGates = 3, kThirdFromH = 3, kResWidth = 4;
+  static void Row(const __m512 (&z)[4], const float* bias, float*, int64_t H, const RowStep& s) {
+    const __m512 r = SigmoidV(_mm512_add_ps(z[0], _mm512_load_ps(bias)));
+    const __m512 u = SigmoidV(_mm512_add_ps(z[1], _mm512_load_ps(bias + kUnits)));
+    const __m512 gh_n = _mm512_add_ps(z[3], _mm512_load_ps(bias + 3 * kUnits));
+    const __m512 n = TanhV(_mm512_fmadd_ps(
+        r, gh_n, _mm512_add_ps(z[2], _mm512_load_ps(bias + 2 * kUnits))));
+    const __m512 h = _mm512_load_ps(s.h_in);
+    const __m512 h_out = _mm512_fmadd_ps(u, _mm512_sub_ps(h, n), n);  // (1 - z) n + z h
+    if (s.res != nullptr) {
+      const __m512 parts[4] = {r, u, n, gh_n};
+      for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(s.res + q * H, s.units, parts[q]);
+    }
+    Advance(s, h_out);
+  }
+};
+
 // Rows b0 .. b0 + R - 1 of panel j at position t: h_in is the carry entering the step, h_out
-// gets the carry leaving it ((B, Hp) each), and c and y_t are written.
-template <int R>
-inline void FusedLstmTile(const FusedLstm& f, int64_t t, int64_t b0, int64_t j,
-                          const float* h_in, float* h_out) {
+// gets the carry leaving it ((B, Hp) each); c, y_t and, when saving, h_prev and res are written.
+template <class Cell, int R>
+inline void FusedTile(const Fused& f, int64_t t, int64_t b0, int64_t j, const float* h_in,
+                      float* h_out) {
+  constexpr int G = Cell::kGates;
   const int64_t I = f.I, Hp = f.Hp;
-  const float* p = f.panels + j * (I + Hp) * 64;
+  const float* p = f.panels + j * (I + Hp) * G * kUnits;
   __m512 acc[R][4];  // not from the bias: GCC made that a store and a stalling reload
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
   }
   const float* a[R];
   for (int r = 0; r < R; ++r) a[r] = f.x + ((b0 + r) * f.T + t) * I;
-  f.ahead ? Accumulate<R, true>(acc, a, p, I) : Accumulate<R, false>(acc, a, p, I);
+  if (f.ahead) {
+    Accumulate<R, G, 2, true>(acc, a, p, I);
+  } else {
+    Accumulate<R, G, 2, false>(acc, a, p, I);
+  }
   for (int r = 0; r < R; ++r) a[r] = h_in + (b0 + r) * Hp;
-  p += I * 64;
-  f.ahead ? Accumulate<R, true>(acc, a, p, Hp) : Accumulate<R, false>(acc, a, p, Hp);
-  const int64_t u0 = j * kUnits;
-  const int64_t left = f.H - u0;
+  p += I * G * kUnits;
+  if (f.ahead) {
+    Accumulate<R, G, Cell::kThirdFromH, true>(acc, a, p, Hp);
+  } else {
+    Accumulate<R, G, Cell::kThirdFromH, false>(acc, a, p, Hp);
+  }
+  const int64_t u0 = j * kUnits, H = f.H;
+  const int64_t left = H - u0;
   const __mmask16 units = left >= kUnits ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-  const float* bias = f.bias + j * 64;
   for (int r = 0; r < R; ++r) {
-    const int64_t b = b0 + r;
-    float* c = f.c + b * Hp + u0;
-    float* y = f.ys + (b * f.T + t) * f.H + u0;
-    if (!f.mask[b * f.T + t]) {  // a padded step: the carry is kept, y_t = 0
-      _mm512_store_ps(h_out + b * Hp + u0, _mm512_load_ps(h_in + b * Hp + u0));
-      _mm512_mask_storeu_ps(y, units, _mm512_setzero_ps());
-      continue;
-    }
-    const __m512 i = SigmoidV(_mm512_add_ps(acc[r][0], _mm512_load_ps(bias)));
-    const __m512 fg = SigmoidV(_mm512_add_ps(acc[r][1], _mm512_load_ps(bias + kUnits)));
-    const __m512 g = TanhV(_mm512_add_ps(acc[r][2], _mm512_load_ps(bias + 2 * kUnits)));
-    const __m512 o = SigmoidV(_mm512_add_ps(acc[r][3], _mm512_load_ps(bias + 3 * kUnits)));
-    const __m512 c_new = _mm512_fmadd_ps(fg, _mm512_load_ps(c), _mm512_mul_ps(i, g));
-    const __m512 h_new = _mm512_mul_ps(o, TanhV(c_new));
-    _mm512_store_ps(c, c_new);
-    _mm512_store_ps(h_out + b * Hp + u0, h_new);
-    _mm512_mask_storeu_ps(y, units, h_new);
+    const int64_t b = b0 + r, at = b * f.T + t;
+    const RowStep s{h_in + b * Hp + u0,
+                    h_out + b * Hp + u0,
+                    f.ys + at * H + u0,
+                    f.h_prev != nullptr ? f.h_prev + at * H + u0 : nullptr,
+                    f.res != nullptr ? f.res + at * Cell::kResWidth * H + u0 : nullptr,
+                    units,
+                    f.mask[at]};
+    Cell::Row(acc[r], f.bias + j * 4 * kUnits, f.c != nullptr ? f.c + b * Hp + u0 : nullptr,
+              H, s);
   }
 }
 
-// FusedLstmTile for R = 1 .. kTileRows rows.
-inline void FusedLstmRows(const FusedLstm& f, int64_t t, int64_t b0, int64_t R, int64_t j,
-                          const float* h_in, float* h_out) {
+// FusedTile for R = 1 .. kTileRows rows.
+template <class Cell>
+inline void FusedRows(const Fused& f, int64_t t, int64_t b0, int64_t R, int64_t j,
+                      const float* h_in, float* h_out) {
   switch (R) {
-    case 1: return FusedLstmTile<1>(f, t, b0, j, h_in, h_out);
-    case 2: return FusedLstmTile<2>(f, t, b0, j, h_in, h_out);
-    case 3: return FusedLstmTile<3>(f, t, b0, j, h_in, h_out);
-    case 4: return FusedLstmTile<4>(f, t, b0, j, h_in, h_out);
-    case 5: return FusedLstmTile<5>(f, t, b0, j, h_in, h_out);
-    default: return FusedLstmTile<kTileRows>(f, t, b0, j, h_in, h_out);
+    case 1: return FusedTile<Cell, 1>(f, t, b0, j, h_in, h_out);
+    case 2: return FusedTile<Cell, 2>(f, t, b0, j, h_in, h_out);
+    case 3: return FusedTile<Cell, 3>(f, t, b0, j, h_in, h_out);
+    case 4: return FusedTile<Cell, 4>(f, t, b0, j, h_in, h_out);
+    case 5: return FusedTile<Cell, 5>(f, t, b0, j, h_in, h_out);
+    default: return FusedTile<Cell, kTileRows>(f, t, b0, j, h_in, h_out);
   }
 }
 
@@ -1220,12 +1292,13 @@ class SpinBarrier {
 // for each other) or all rows with some of the panels (every step ends at the barrier, as
 // each thread's carry feeds the others'). h holds two (B, Hp) carries, the one entering step
 // s at s % 2.
-void FusedLstmThread(const FusedLstm& f, const float* w_i, const float* w_h, const float* bias,
-                     float* panels, float* panel_bias, float* h, int id, int n, bool by_rows,
-                     SpinBarrier& barrier) {
+template <class Cell>
+void FusedThread(const Fused& f, const float* w_i, const float* w_h, const float* bias4,
+                 float* panels, float* panel_bias, float* h, int id, int n, bool by_rows,
+                 SpinBarrier& barrier) {
   const int64_t panels_n = f.Hp / kUnits;
-  PackLstmPanels(w_i, w_h, bias, f.I, f.H, f.Hp, panels_n * id / n, panels_n * (id + 1) / n,
-                 panels, panel_bias);
+  PackPanels(Cell::kGates, w_i, w_h, bias4, f.I, f.H, f.Hp, panels_n * id / n,
+             panels_n * (id + 1) / n, panels, panel_bias);
   const int64_t first = by_rows ? 0 : panels_n * id / n;
   const int64_t last = by_rows ? panels_n : panels_n * (id + 1) / n;
   const int64_t row0 = by_rows ? f.B * id / n : 0;
@@ -1256,38 +1329,21 @@ void FusedLstmThread(const FusedLstm& f, const float* w_i, const float* w_h, con
     for (int64_t j = first; j < last; ++j) {
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t b0 = row0 + rows * tile / tiles, b1 = row0 + rows * (tile + 1) / tiles;
-        FusedLstmRows(f, t, b0, b1 - b0, j, h_in, h_out);
+        FusedRows<Cell>(f, t, b0, b1 - b0, j, h_in, h_out);
       }
     }
     if (!by_rows) barrier.Wait();
   }
 }
 
-// Threads for a pass of B rows and H units: one per panel at most, and one alone when a step
-// is too small to share (below kFusedShareUnits batch x hidden units).
+// Threads for a pass of B rows and H units: at most one per panel or per row (the larger), and
+// one alone when a step is too small to share (below kFusedShareUnits batch x hidden units).
 constexpr int64_t kFusedShareUnits = 256;
 
-// How `threads` share a pass (FusedLstmThread): by rows where every thread can keep all the
-// panels in its L2 cache (at most 3/4 of it) and either the panels are few (H <= 128: per
-// step, the barrier would cost about as much as the arithmetic) or each thread has two full
-// row tiles; otherwise by panels. Measured on a 2-core AVX-512 CPU (2 MiB L2 per core), LSTM
-// inference ms by panels / by rows: 16x256x32x64 0.98 / 0.85, 32x128x64x256 8.6 / 8.1,
-// 64x64x128x512 32.8 / 36.7 (5.2 MiB of panels), 16x42x32x256 1.44 / 1.59, 2x339x32x256
-// 2.03 / 2.87.
-bool FusedLstmByRows(int64_t B, int64_t I, int64_t Hp, int threads) {
-  static const int64_t l2 = [] {
-    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return bytes > 0 ? int64_t{bytes} : int64_t{1} << 20;
-  }();
-  const int64_t panel_bytes = (I + Hp) * Hp * 4 * int64_t{sizeof(float)};
-  return threads > 1 && 4 * panel_bytes <= 3 * l2 &&
-         (Hp <= 128 || B >= 2 * kTileRows * threads);
-}
-
-int FusedLstmThreads(int64_t B, int64_t Hp) {
+int FusedThreads(int64_t B, int64_t Hp) {
 #ifdef _OPENMP
   if (B * Hp < kFusedShareUnits) return 1;
-  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), Hp / kUnits));
+  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), std::max(Hp / kUnits, B)));
 #else
   (void)B;
   (void)Hp;
@@ -1295,26 +1351,48 @@ int FusedLstmThreads(int64_t B, int64_t Hp) {
 #endif
 }
 
-// The whole inference pass: ys, and the final carry into h_last, c_last.
-ffi::Error FusedLstmForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
-                            const float* x, const float* w_i, const float* bias, const float* w_h,
-                            const float* h0, const float* c0, const bool* mask, float* ys,
-                            float* h_last, float* c_last) {
+// How `threads` share a pass (FusedThread): by rows where every thread can keep all the
+// panels in its L2 cache (at most 3/4 of it) and either the panels are few (H <= 128: per
+// step, the barrier would cost about as much as the arithmetic) or each thread has two full
+// row tiles; otherwise by panels. Measured on a 2-core AVX-512 CPU (2 MiB L2 per core), LSTM
+// inference ms by panels / by rows: 16x256x32x64 0.98 / 0.85, 32x128x64x256 8.6 / 8.1,
+// 64x64x128x512 32.8 / 36.7 (5.2 MiB of panels), 16x42x32x256 1.44 / 1.59, 2x339x32x256
+// 2.03 / 2.87.
+bool FusedByRows(int64_t G, int64_t B, int64_t I, int64_t Hp, int threads) {
+  static const int64_t l2 = [] {
+    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return bytes > 0 ? int64_t{bytes} : int64_t{1} << 20;
+  }();
+  const int64_t panel_bytes = (I + Hp) * Hp * G * int64_t{sizeof(float)};
+  return threads > 1 && 4 * panel_bytes <= 3 * l2 &&
+         (Hp <= 128 || B >= 2 * kTileRows * threads);
+}
+
+// Passes FusedForward has run in this process (tests read it: rnnjax_avx512_passes).
+std::atomic<int64_t> g_fused_passes{0};
+
+// A whole forward pass: ys, h_prev and res when given (saving), and the final carry into
+// h_last (and the LSTM's c_last; c0 and c_last are null for the GRU). bias4 as in PackPanels.
+template <class Cell>
+ffi::Error FusedForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
+                        const float* x, const float* w_i, const float* w_h, const float* bias4,
+                        const float* h0, const float* c0, const bool* mask, float* ys,
+                        float* h_prev, float* res, float* h_last, float* c_last) {
+  g_fused_passes.fetch_add(1, std::memory_order_relaxed);
   const int64_t Hp = (H + kUnits - 1) / kUnits * kUnits;
-  const int threads = FusedLstmThreads(B, Hp);
+  const int threads = FusedThreads(B, Hp);
   return OnMatmulThread(threads > 1, [&]() -> ffi::Error {
-    Work panels(0, (I + Hp) * Hp * 4), panel_bias(1, Hp * 4), carry(2, 3 * B * Hp);
-    float* h = carry.data();  // two h arrays, then c
-    float* c = h + 2 * B * Hp;
+    Work panels(0, (I + Hp) * Hp * Cell::kGates), panel_bias(1, Hp * 4), carry(2, 3 * B * Hp);
+    float* h = carry.data();  // two h arrays, then the LSTM's c
+    float* c = c0 != nullptr ? h + 2 * B * Hp : nullptr;
     std::fill(h, h + 3 * B * Hp, 0.0f);
     for (int64_t b = 0; b < B; ++b) {
       std::memcpy(h + b * Hp, h0 + b * H, sizeof(float) * H);
-      std::memcpy(c + b * Hp, c0 + b * H, sizeof(float) * H);
+      if (c != nullptr) std::memcpy(c + b * Hp, c0 + b * H, sizeof(float) * H);
     }
-    HugePages(ys, sizeof(float) * B * T * H);
-    const bool ahead = (I + Hp) * 64 * sizeof(float) > (size_t{32} << 10);
-    const FusedLstm f{B, T, I, H, Hp, reverse, x, mask, panels.data(), panel_bias.data(), c, ys,
-                      ahead};
+    const bool ahead = (I + Hp) * Cell::kGates * kUnits * sizeof(float) > (size_t{32} << 10);
+    const Fused f{B,  T,  I,      H,   Hp, reverse, x, mask, panels.data(), panel_bias.data(),
+                  c,  ys, h_prev, res, ahead};
     SpinBarrier barrier(threads);
     if (threads > 1) {
 #ifdef _OPENMP
@@ -1325,28 +1403,38 @@ ffi::Error FusedLstmForward(int64_t B, int64_t T, int64_t I, int64_t H, bool rev
         const int n = omp_get_num_threads();
 #pragma omp single
         barrier.Reset(n);  // (single ends in OpenMP's barrier: no one waits before this)
-        FusedLstmThread(f, w_i, w_h, bias, panels.data(), panel_bias.data(), h,
-                        omp_get_thread_num(), n, FusedLstmByRows(B, I, Hp, n), barrier);
+        FusedThread<Cell>(f, w_i, w_h, bias4, panels.data(), panel_bias.data(), h,
+                          omp_get_thread_num(), n, FusedByRows(Cell::kGates, B, I, Hp, n),
+                          barrier);
       }
 #endif
     } else {
-      FusedLstmThread(f, w_i, w_h, bias, panels.data(), panel_bias.data(), h, 0, 1, false,
-                      barrier);
+      FusedThread<Cell>(f, w_i, w_h, bias4, panels.data(), panel_bias.data(), h, 0, 1, false,
+                        barrier);
     }
     const float* h_end = h + (T % 2) * B * Hp;
     for (int64_t b = 0; b < B; ++b) {
       std::memcpy(h_last + b * H, h_end + b * Hp, sizeof(float) * H);
-      std::memcpy(c_last + b * H, c + b * Hp, sizeof(float) * H);
+      if (c != nullptr) std::memcpy(c_last + b * H, c + b * Hp, sizeof(float) * H);
     }
     return ffi::Error::Success();
   });
 }
 #else
-constexpr bool kFusedLstmBuilt = false;
+constexpr bool kFusedBuilt = false;
 #endif
 
-// Whether an inference pass runs FusedLstmForward: built with it, and RNNJAX_FUSED_LSTM is not 0.
-bool FusedLstmOn() { return kFusedLstmBuilt && EnvOn("RNNJAX_FUSED_LSTM"); }
+// Whether a forward pass over B rows of H units runs FusedForward: built with it,
+// RNNJAX_AVX512 is not 0, and the pass saves nothing (inference) or saves every step in
+// rnnjax's layout (neither checkpoints nor oneDNN's workspace) for a backward pass that will
+// run on the oneDNN thread (DnnlMatmul). Below that the backward pass runs OpenBLAS on the
+// calling thread, whose threads and the OpenMP team then spin against each other on the cores:
+// forward+backward at 16x256x32x64 took 12.5-13.2 ms instead of 4.7-4.9 (with one thread, the
+// fused forward pass measured no faster than the loops').
+bool FusedOn(bool save, bool dense, int64_t checkpoint, int64_t B, int64_t H) {
+  const bool saving_all = save && !dense && checkpoint == 0 && DnnlMatmul(B, H);
+  return kFusedBuilt && (!save || saving_all) && EnvOn("RNNJAX_AVX512");
+}
 
 // [W_i; W_h] as one (I + H, 4H) matrix, in Work slot 0.
 float* Stacked(const Work& work, const float* w_i, const float* w_h, int64_t I, int64_t H,
@@ -1373,11 +1461,15 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   }
   const int64_t B = f.B, T = f.T, I = f.I, H = f.H, G = 4 * H;
 #if defined(__AVX512F__)
-  if (!save && FusedLstmOn()) {
-    return FusedLstmForward(B, T, I, H, reverse, x.typed_data(), w_i.typed_data(),
-                            bias.typed_data(), w_h.typed_data(), h0.typed_data(),
-                            c0.typed_data(), mask.typed_data(), ys->typed_data(),
-                            h_last->typed_data(), c_last->typed_data());
+  if (FusedOn(save, dense, checkpoint, B, H)) {
+    StepOutputs o;
+    if (auto err = OwnOutputs(save, 0, B, T, 2 * H, ys, h_prev, res, &o); err.failure()) {
+      return err;
+    }
+    return FusedForward<FusedLstmCell>(B, T, I, H, reverse, x.typed_data(), w_i.typed_data(),
+                                       w_h.typed_data(), bias.typed_data(), h0.typed_data(),
+                                       c0.typed_data(), mask.typed_data(), o.ys, o.h_prev, o.res,
+                                       h_last->typed_data(), c_last->typed_data());
   }
 #endif
   if (dense) {
@@ -1664,6 +1756,22 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return err;
   }
   const int64_t B = f.B, T = f.T, I = f.I, H = f.H;
+#if defined(__AVX512F__)
+  if (FusedOn(save, dense, checkpoint, B, H)) {
+    StepOutputs o;
+    if (auto err = OwnOutputs(save, 0, B, T, H, ys, h_prev, res, &o); err.failure()) return err;
+    const float* bi = b_i.typed_data();
+    const float* bh = b_h.typed_data();
+    std::vector<float> bias4(4 * H);  // [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]
+    for (int64_t j = 0; j < 2 * H; ++j) bias4[j] = bi[j] + bh[j];
+    std::memcpy(bias4.data() + 2 * H, bi + 2 * H, sizeof(float) * H);
+    std::memcpy(bias4.data() + 3 * H, bh + 2 * H, sizeof(float) * H);
+    return FusedForward<FusedGruCell>(B, T, I, H, reverse, x.typed_data(), w_i.typed_data(),
+                                      w_h.typed_data(), bias4.data(), h0.typed_data(), nullptr,
+                                      mask.typed_data(), o.ys, o.h_prev, o.res,
+                                      h_last->typed_data(), nullptr);
+  }
+#endif
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
     return DnnlThread::Run([&] {
@@ -2071,8 +2179,15 @@ __attribute__((visibility("default"))) int rnnjax_has_onednn() {
 #endif
 }
 
-// Whether this build has the fused LSTM inference kernel (FusedLstmForward: AVX-512).
-__attribute__((visibility("default"))) int rnnjax_has_fused_lstm() { return kFusedLstmBuilt; }
+// Whether this build has the AVX-512 loops (FusedForward), and how many passes they have run.
+__attribute__((visibility("default"))) int rnnjax_has_avx512() { return kFusedBuilt; }
+__attribute__((visibility("default"))) int64_t rnnjax_avx512_passes() {
+#if defined(__AVX512F__)
+  return g_fused_passes.load();
+#else
+  return 0;
+#endif
+}
 
 // Bytes of a dense LSTM's (gru = 0) or GRU's (gru = 1) saved workspace for a (B, T, I) input
 // and H units; -1 without oneDNN or on failure.
