@@ -5,7 +5,8 @@ their headers ship with jaxlib (a build requirement). Compiling is best effort: 
 compiler the install still succeeds, with a warning, and rnnjax runs its ``lax.scan`` loops
 (``rnnjax._native.unavailable_reason()`` says why). ``RNNJAX_NATIVE_BUILD=0`` skips the build;
 ``RNNJAX_NATIVE_CFLAGS`` replaces the optimisation flags (the default tunes for this machine's
-CPU with ``-march=native``, as a source build is compiled where it runs).
+CPU with ``-march=native``, as a source build is compiled where it runs; on a CPU with AVX-512
+that also compiles the kernels' AVX-512 loops, ``rnnjax._native.avx512()``).
 
 Where oneDNN's headers are installed (the ``onednn-devel-cpu-gomp`` wheel, a build requirement on
 Linux x86-64) the library is also linked against oneDNN (``onednn-cpu-gomp``, a dependency there)

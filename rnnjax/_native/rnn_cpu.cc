@@ -25,7 +25,10 @@
 // scipy-openblas32 wheel). Built with RNNJAX_WITH_DNNL (setup.py, where oneDNN's wheel is
 // installed), the library also links oneDNN: its matmul then does the own loops' products for
 // steps of 4096 units or more (DnnlMatmul, StepGemm), and its RNN primitives run the "dense"
-// mode: the unmasked sequences Python chooses for it (see the oneDNN section below).
+// mode: the unmasked sequences Python chooses for it (see the oneDNN section below). Compiled
+// for a CPU with AVX-512, forward passes (inference, and training's from 4096 units per step)
+// run loops that fuse each step's gate arithmetic into its matmul instead (FusedForward, "the
+// AVX-512 loops" below).
 
 #include <strings.h>
 #include <sys/mman.h>
