@@ -16,7 +16,8 @@ only when available, and otherwise run the same recurrence as ``lax.scan`` loops
 Compiled for a CPU with AVX-512, the library also has loops that fuse each step's gate
 arithmetic into its matmul, for forward passes (:func:`avx512`; ``RNNJAX_AVX512=0``, read at
 every call, switches them off).
-``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off; ``RNNJAX_ONEDNN_MATMUL=0``
+``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off (and with it the kernels'
+OpenMP threads: the AVX-512 loops then run on one thread); ``RNNJAX_ONEDNN_MATMUL=0``
 (read by the kernels at every call) only its matmul in the loops, which then use OpenBLAS
 (``benchmarks/ab/onednn_matmul.py`` compares the two). ``RNNJAX_HUGEPAGES=0``
 (read by the kernels at every call) stops them asking Linux for huge pages behind the output

@@ -189,8 +189,17 @@ bool EnvOn(const char* name) {
 // Asks the kernel to back the 2 MiB-aligned interior of an output array with huge pages, before
 // anything touches it. XLA maps a program's temporaries afresh for every run, so each call
 // faults in its outputs and oneDNN's workspace page by page (4 KiB each).
+//
+// Only for arrays of 32 MiB or more: with every output advised, an LSTM forward+backward at
+// 32x128x64x256 (arrays of 4-25 MiB) ran 5-17 of 60 calls at twice the time, the slow ones with
+// 20-41 ms of system time against 0-8 ms at the same fault count (this VM, `/tmp` loops of 60
+// calls); advising only arrays of 32 MiB or more left 0-2 slow calls and kept most of the gain
+// at 64x64x128x512 (in-process A/B, median of 15: LSTM 126.6 ms all advised, 133.5 from
+// 32 MiB, 147.6 none; GRU 106.3, 109.1, 119.0).
+constexpr size_t kHugePagesMinBytes = size_t{32} << 20;
+
 void HugePages(void* data, size_t bytes) {
-  const bool on = EnvOn("RNNJAX_HUGEPAGES");
+  const bool on = bytes >= kHugePagesMinBytes && EnvOn("RNNJAX_HUGEPAGES");
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const auto end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
@@ -1340,12 +1349,14 @@ void FusedThread(const Fused& f, const float* w_i, const float* w_h, const float
 }
 
 // Threads for a pass of B rows and H units: at most one per panel or per row (the larger), and
-// one alone when a step is too small to share (below kFusedShareUnits batch x hidden units).
+// one alone when a step is too small to share (below kFusedShareUnits batch x hidden units) or
+// when RNNJAX_ONEDNN is 0 (which keeps the kernels off OpenMP's threads, e.g. beside PyTorch's
+// own OpenMP runtime).
 constexpr int64_t kFusedShareUnits = 256;
 
 int FusedThreads(int64_t B, int64_t Hp) {
 #ifdef _OPENMP
-  if (B * Hp < kFusedShareUnits) return 1;
+  if (B * Hp < kFusedShareUnits || !EnvOn("RNNJAX_ONEDNN")) return 1;
   return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), std::max(Hp / kUnits, B)));
 #else
   (void)B;
