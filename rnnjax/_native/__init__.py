@@ -146,14 +146,15 @@ def onednn() -> bool:
 def avx512() -> bool:
     """Whether forward passes of the LSTM and the GRU run the kernels' AVX-512 loops:
     inference (saving nothing, padded or not) and the forward pass of training (saving every
-    step; not checkpointed ``remat`` passes). Per step, for 16 hidden units and up to 6 batch
-    rows at a time, the gate pre-activations ``[x_t, h] @ [W_i; W_h]`` accumulate in vector
-    registers and the new carry and ``y_t`` are computed from them (no gate array), on weights
-    packed once per call, on all cores. True when the kernels are loaded and were compiled for
-    a CPU with AVX-512 (``-march=native`` on one), and ``RNNJAX_AVX512=0`` is not set (the
-    kernels read it at every call; with it 0 they run what they ran before: oneDNN's RNN
-    primitive for unmasked inference where :data:`rnnjax.cells._native.ONEDNN_MIN_UNITS` says
-    so, else their own loops)."""
+    step; not checkpointed ``remat`` passes) at steps of 4096 units (batch rows x hidden units)
+    or more in builds with oneDNN, whose backward pass runs on the same OpenMP threads. Per
+    step, for 16 hidden units and up to 6 batch rows at a time, the gate pre-activations
+    ``[x_t, h] @ [W_i; W_h]`` accumulate in vector registers and the new carry and ``y_t`` are
+    computed from them (no gate array), on weights packed once per call, on all cores. True
+    when the kernels are loaded and were compiled for a CPU with AVX-512 (``-march=native`` on
+    one), and ``RNNJAX_AVX512=0`` is not set (the kernels read it at every call; with it 0 they
+    run what they ran before: oneDNN's RNN primitive for unmasked inference where
+    :data:`rnnjax.cells._native.ONEDNN_MIN_UNITS` says so, else their own loops)."""
     built = available() and bool(_LIBRARY[0].rnnjax_has_avx512())
     return built and not _off("RNNJAX_AVX512")
 

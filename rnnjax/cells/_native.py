@@ -22,13 +22,14 @@ gradients step by step; here each direction of the recurrence is one call. Per c
   oneDNN's matmul on weights packed once per pass, their other matmuls with oneDNN's sgemm and
   the per-row gate arithmetic on all cores (one OpenMP team on one thread); smaller steps, or
   builds without oneDNN, use OpenBLAS's sgemm on one calling thread.
-- Forward passes that save nothing (inference) or every step (training; not checkpointed),
-  masked or not, where the kernels were compiled for a CPU with AVX-512
-  (:func:`rnnjax._native.avx512`), run their AVX-512 loops instead of either path below: per
-  step, 16 hidden units and up to 6 batch rows at a time, the gate pre-activations accumulate
-  in registers and the new carry and output (and the saved gates) are computed from them, on
-  weights packed once per call, on all cores. The lowering still says ``dense`` as below, so
-  that ``RNNJAX_AVX512=0``, read by the kernels at every call, runs what it would have.
+- Forward passes that save nothing (inference) or every step (training; not checkpointed;
+  steps of 4096 units or more, with oneDNN), masked or not, where the kernels were compiled
+  for a CPU with AVX-512 (:func:`rnnjax._native.avx512`), run their AVX-512 loops instead of
+  either path below: per step, 16 hidden units and up to 6 batch rows at a time, the gate
+  pre-activations accumulate in registers and the new carry and output (and the saved gates)
+  are computed from them, on weights packed once per call, on all cores. The lowering still
+  says ``dense`` as below, so that ``RNNJAX_AVX512=0``, read by the kernels at every call,
+  runs what it would have.
 - Dense mode: an inference pass (nothing saved) over a sequence with no mask (``real is None``:
   every step real) and a step of at least :data:`ONEDNN_MIN_UNITS` runs oneDNN's RNN
   primitive instead of rnnjax's loops when the kernels were built with oneDNN
