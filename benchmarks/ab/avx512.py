@@ -22,36 +22,20 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from _layers import layer, with_env
 
-import rnnjax as rj
 from rnnjax import _native
 from rnnjax.bench._harness import measure
 from rnnjax.bench.peers import SHAPES as PEER_SHAPES
 
 
 def with_avx512(setting, program, *args):
-    def run():
-        os.environ["RNNJAX_AVX512"] = setting
-        jax.block_until_ready(program(*args))
-
-    return run
+    return with_env("RNNJAX_AVX512", setting, program, *args)
 
 
 def programs(cell_name, batch, steps, inputs, hidden):
     """The three programs at one shape, each with its arguments."""
-    cell = getattr(rj.cells, cell_name)(hidden)
-    params = cell.init(jax.random.key(0), inputs)
-    rng = np.random.default_rng(0)
-    xs = jnp.asarray(rng.standard_normal((batch, steps, inputs), np.float32))
-    lengths = jnp.asarray(rng.integers(steps // 2, steps + 1, batch))
-
-    def dense(p, x):
-        return jax.vmap(lambda x: rj.scan(cell, p, x)[1])(x)
-
-    def padded(p, x, n):
-        return jax.vmap(lambda x, n: rj.scan(cell, p, x, length=n)[1])(x, n)
-
+    params, xs, lengths, dense, padded = layer(cell_name, batch, steps, inputs, hidden)
     train = jax.grad(lambda p, x: jnp.sum(dense(p, x) ** 2))
     return {
         "fwd": (jax.jit(dense), (params, xs)),
