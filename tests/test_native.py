@@ -385,7 +385,6 @@ def test_avx512_loops_equal_the_other_loops_and_the_reference(name, monkeypatch)
                 modes = {"reverse": reverse, "save": save, "checkpoint": 0}
                 modes["dense"] = dense and not save and _native.onednn()
                 forward = jax.jit(functools.partial(kernels.forward.bind, **modes))
-                forward.lower(*args).compile()
                 passes = _native.avx512_passes()
                 fused = tuple(jax.block_until_ready(forward(*args)))
                 fused_ran = not save or (b * h >= 4096 and _native.onednn())
