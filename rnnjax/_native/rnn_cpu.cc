@@ -69,22 +69,27 @@ SgemmFn g_sgemm = nullptr;
 // over even degree-6 polynomial on [-7.9053, 7.9053] (a few ulp), x itself near 0. Plain
 // arithmetic, so the gate loops vectorize without -ffast-math (libm's tanhf/expf vectorize
 // only with it; BENCHMARKS.md has the timings).
+// Its constants, shared with the AVX-512 loops' TanhV: the clamp, |x| below which tanh(x) = x,
+// and the coefficients of p (in y^2, highest first; p is then multiplied by y) and of q.
+constexpr float kTanhClamp = 7.90531110763549805f, kTanhTiny = 0.0004f;
+constexpr float kTanhP[7] = {-2.76076847742355e-16f, 2.00018790482477e-13f,
+                             -8.60467152213735e-11f, 5.12229709037114e-08f,
+                             1.48572235717979e-05f,  6.37261928875436e-04f,
+                             4.89352455891786e-03f};
+constexpr float kTanhQ[4] = {1.19825839466702e-06f, 1.18534705686654e-04f,
+                             2.26843463243900e-03f, 4.89352518554385e-03f};
+
 inline float Tanh(float x) {
-  const float c = 7.90531110763549805f;
+  const float c = kTanhClamp;
   const float y = x < -c ? -c : (x > c ? c : x);
   const float y2 = y * y;
-  float p = y2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
-  p = p * y2 + -8.60467152213735e-11f;
-  p = p * y2 + 5.12229709037114e-08f;
-  p = p * y2 + 1.48572235717979e-05f;
-  p = p * y2 + 6.37261928875436e-04f;
-  p = p * y2 + 4.89352455891786e-03f;
+  float p = y2 * kTanhP[0] + kTanhP[1];
+  for (int i = 2; i < 7; ++i) p = p * y2 + kTanhP[i];
   p = p * y;
-  float q = y2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
-  q = q * y2 + 2.26843463243900e-03f;
-  q = q * y2 + 4.89352518554385e-03f;
+  float q = y2 * kTanhQ[0] + kTanhQ[1];
+  for (int i = 2; i < 4; ++i) q = q * y2 + kTanhQ[i];
   const float t = p / q;
-  return (y < 0.0004f && y > -0.0004f) ? y : t;
+  return (y < kTanhTiny && y > -kTanhTiny) ? y : t;
 }
 
 inline float Sigmoid(float x) { return 0.5f + 0.5f * Tanh(0.5f * x); }
@@ -1053,26 +1058,19 @@ constexpr int kTileRows = 6;    // 6 rows x 4 accumulators = 24 of the 32 vector
 // tanh as Tanh above, 16 lanes at a time; the quotient by a reciprocal refined by one Newton
 // step (a few ulp more than a division, which would cost more than the rest of the gate).
 inline __m512 TanhV(__m512 x) {
-  const __m512 c = _mm512_set1_ps(7.90531110763549805f);
+  const __m512 c = _mm512_set1_ps(kTanhClamp);
   const __m512 y = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), c)), c);
   const __m512 y2 = _mm512_mul_ps(y, y);
-  __m512 p = _mm512_fmadd_ps(y2, _mm512_set1_ps(-2.76076847742355e-16f),
-                             _mm512_set1_ps(2.00018790482477e-13f));
-  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(-8.60467152213735e-11f));
-  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(5.12229709037114e-08f));
-  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(1.48572235717979e-05f));
-  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(6.37261928875436e-04f));
-  p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(4.89352455891786e-03f));
+  __m512 p = _mm512_fmadd_ps(y2, _mm512_set1_ps(kTanhP[0]), _mm512_set1_ps(kTanhP[1]));
+  for (int i = 2; i < 7; ++i) p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(kTanhP[i]));
   p = _mm512_mul_ps(p, y);
-  __m512 q = _mm512_fmadd_ps(y2, _mm512_set1_ps(1.19825839466702e-06f),
-                             _mm512_set1_ps(1.18534705686654e-04f));
-  q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(2.26843463243900e-03f));
-  q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(4.89352518554385e-03f));
+  __m512 q = _mm512_fmadd_ps(y2, _mm512_set1_ps(kTanhQ[0]), _mm512_set1_ps(kTanhQ[1]));
+  for (int i = 2; i < 4; ++i) q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(kTanhQ[i]));
   __m512 r = _mm512_rcp14_ps(q);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));
   const __m512 t = _mm512_mul_ps(p, r);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(
-      _mm512_abs_ps(y), _mm512_set1_ps(0.0004f), _CMP_LT_OQ);
+  const __mmask16 tiny =
+      _mm512_cmp_ps_mask(_mm512_abs_ps(y), _mm512_set1_ps(kTanhTiny), _CMP_LT_OQ);
   return _mm512_mask_blend_ps(tiny, t, y);
 }
 
@@ -1917,12 +1915,24 @@ struct Chunk {
   int64_t first, count;
 };
 
-ffi::Error CheckReplayInput(ffi::Span<const int64_t> x, const Dims& d) {
+// A replay call's sizes, checked: ys (B, T, H), w_h (H, G H), x (B, T, I) and the
+// checkpoints (B, S, width H) of k = checkpoint steps each.
+struct ReplayDims {
+  int64_t B, T, H, I, k, S;
+};
+
+ffi::Error CheckReplay(ffi::Span<const int64_t> ys, const ffi::Buffer<ffi::F32>& w_h,
+                       int64_t gates, ffi::Span<const int64_t> x, ffi::Span<const int64_t> ckpt,
+                       int64_t checkpoint, int64_t width, ReplayDims* r) {
+  Dims d;
+  if (auto err = CheckDims(ys, 1, w_h, &d, gates); err.failure()) return err;
   if (x.size() != 3 || x[0] != d.batch || x[1] != d.steps) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "rnnjax native replay: expected x (B, T, I) for ys (B, T, H)");
   }
-  return ffi::Error::Success();
+  const int64_t k = checkpoint, S = k > 0 ? (d.steps + k - 1) / k : 0;
+  *r = {d.batch, d.steps, d.hidden, x[2], k, S};
+  return CheckCheckpoints(ckpt, d.batch, d.steps, k, width * d.hidden);
 }
 
 // Segments per chunk for rows of `row_floats` working floats each.
@@ -1957,12 +1967,13 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h,
                           ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> ckpt, bool reverse,
                           int64_t checkpoint, ffi::ResultBuffer<ffi::F32> ys) {
-  Dims d;
-  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d); err.failure()) return err;
-  if (auto err = CheckReplayInput(x.dimensions(), d); err.failure()) return err;
-  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 4 * H, I = x.dimensions()[2];
-  const int64_t K = I + H, k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
-  if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, 2 * H); err.failure()) return err;
+  ReplayDims d;
+  if (auto err = CheckReplay(ys->dimensions(), w_h, 4, x.dimensions(), ckpt.dimensions(),
+                             checkpoint, 2, &d);
+      err.failure()) {
+    return err;
+  }
+  const int64_t B = d.B, T = d.T, H = d.H, G = 4 * H, I = d.I, K = I + H, k = d.k, S = d.S;
   const bool dnnl = DnnlMatmul(B, H);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     Work w_work(0, K * G);
@@ -2010,12 +2021,13 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
                          ffi::Buffer<ffi::F32> b_h, ffi::Buffer<ffi::PRED> mask,
                          ffi::Buffer<ffi::F32> ckpt, bool reverse, int64_t checkpoint,
                          ffi::ResultBuffer<ffi::F32> ys) {
-  Dims d;
-  if (auto err = CheckDims(ys->dimensions(), 1, w_h, &d, 3); err.failure()) return err;
-  if (auto err = CheckReplayInput(x.dimensions(), d); err.failure()) return err;
-  const int64_t B = d.batch, T = d.steps, H = d.hidden, G = 3 * H, I = x.dimensions()[2];
-  const int64_t k = checkpoint, S = k > 0 ? (T + k - 1) / k : 0;
-  if (auto err = CheckCheckpoints(ckpt.dimensions(), B, T, k, H); err.failure()) return err;
+  ReplayDims d;
+  if (auto err = CheckReplay(ys->dimensions(), w_h, 3, x.dimensions(), ckpt.dimensions(),
+                             checkpoint, 1, &d);
+      err.failure()) {
+    return err;
+  }
+  const int64_t B = d.B, T = d.T, H = d.H, G = 3 * H, I = d.I, k = d.k, S = d.S;
   const bool dnnl = DnnlMatmul(B, H);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     const int64_t row_floats = I + 2 * G + H;
