@@ -1059,7 +1059,9 @@ constexpr int kTileRows = 6;    // 6 rows x 4 accumulators = 24 of the 32 vector
 // step (a few ulp more than a division, which would cost more than the rest of the gate).
 inline __m512 TanhV(__m512 x) {
   const __m512 c = _mm512_set1_ps(kTanhClamp);
-  const __m512 y = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), c)), c);
+  // max/min return their second operand when either is NaN: x goes second, so NaN stays NaN
+  // (as in Tanh and XLA's tanh) instead of becoming a clamp bound.
+  const __m512 y = _mm512_min_ps(c, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), c), x));
   const __m512 y2 = _mm512_mul_ps(y, y);
   __m512 p = _mm512_fmadd_ps(y2, _mm512_set1_ps(kTanhP[0]), _mm512_set1_ps(kTanhP[1]));
   for (int i = 2; i < 7; ++i) p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(kTanhP[i]));
