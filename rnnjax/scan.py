@@ -153,6 +153,11 @@ def _step_fn(cell: Cell, params: Params):
         if reset is not None:
             fresh = cell.initial_carry(params)
             carry = jax.tree.map(lambda new, old: jnp.where(reset, new, old), fresh, carry)
+        if real is not None:
+            # What a padded step reads is never used, so it must not reach a derivative either:
+            # the where below alone would still multiply its zero cotangent by the step's
+            # Jacobian at the padding (NaN padding would make NaN gradients).
+            x = jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), x)
         new_carry, y = cell.step(params, carry, x)
         if real is None:
             return new_carry, y

@@ -160,6 +160,8 @@ def sequence(
     ``real`` is the ``(T,)`` bool mask of real steps (None: all real).
     """
     fn = _sequence_fn(kernel, bool(reverse), unroll)
+    if real is not None:  # padding never reaches a value or a derivative (as in rnnjax.scan)
+        xs = jnp.where(real[:, None], xs, jnp.zeros_like(xs))
     return fn(w_i, b_i, w_h, b_h, xs, tuple(state0), real)
 
 
