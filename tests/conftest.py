@@ -11,6 +11,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 import jax  # noqa: E402
 import pytest
 from cases import CELLS, I, T
+from hypothesis import HealthCheck, settings
+
+# The property-based tests: CI's profile is fixed-seed (the same examples every run) and small,
+# since each new shape or option compiles a program; `--hypothesis-profile=long` runs many
+# more, freshly drawn, by hand.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("ci", max_examples=12, derandomize=True, database=None, **_COMMON)
+settings.register_profile("long", max_examples=400, **_COMMON)
+settings.load_profile(os.environ.get("RNNJAX_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(params=sorted(CELLS))
