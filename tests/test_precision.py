@@ -139,11 +139,12 @@ def test_rnnjax_train_precision_flag_builds_bfloat16_cells(tmp_path):
     """``rnnjax train --precision bfloat16``: the task's cells compute in bfloat16, its params
     stay float32, and a run directory written before the flag existed reads as float32."""
     from rnnjax import cli
+    from rnnjax.cli import runs, train
 
-    args = cli.parser().parse_args(["train", "--task", "adding", "--precision", "bfloat16"])
-    config = cli._config(args)
+    args = cli.parse(["train", "--task", "adding", "--precision", "bfloat16"])
+    config = train.config_of(args)
     assert config["precision"] == "bfloat16"
-    task = cli._build(config, tmp_path)
+    task = runs.build(config, tmp_path)
     assert {v.dtype for v in jax.tree.leaves(task.params)} == {jnp.dtype(jnp.float32)}
     batch = task.train_data(0)
     jaxpr = jax.make_jaxpr(lambda p: task.loss_fn(p, batch, None))(task.params)
@@ -158,7 +159,7 @@ def test_rnnjax_train_precision_flag_builds_bfloat16_cells(tmp_path):
     step = jax.make_jaxpr(cell.step)(params, cell.initial_carry(params), jnp.ones(2))
     assert [e.invars[0].aval.dtype for e in dot_generals(step.jaxpr)] == [jnp.float32] * 2
     with pytest.raises(cli.CLIError, match="invalid choice: 'float16'"):
-        cli.parser().parse_args(["train", "--precision", "float16"])
+        cli.parse(["train", "--precision", "float16"])
 
 
 def test_the_derivative_is_the_float32_matmuls_at_the_bfloat16_values():

@@ -161,7 +161,7 @@ def test_tbptt_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--task", "classify", "--tbptt", "4", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "rnnjax: error: --tbptt applies to the charlm task only (a text stream read in chunks); "
-        "the classify task trains on whole sequences with full BPTT: drop --tbptt"
+        "rnnjax: error: --tbptt is a flag of the charlm task, not of classify: drop it "
+        "(rnnjax train --task classify --help lists the flags classify takes)"
     ]
     assert not out.exists()

@@ -1,9 +1,11 @@
 """What every task provides to the CLI, and the recurrent model they share.
 
-A task module defines ``DEFAULTS`` (its overrides of :data:`COMMON_DEFAULTS`) and
-``build(config, run_dir) -> Task``. ``config`` is the full, JSON-able run configuration (the CLI
-flags, saved as ``config.json``); ``run_dir`` is where the task keeps what it derives from data
-(a vocabulary, a normalizer) so that ``rnnjax generate``/``evaluate`` rebuild the same model.
+A task module defines ``DEFAULTS`` (its overrides of :data:`COMMON_DEFAULTS`, and the defaults of
+the flags it declares itself) and ``build(config, run_dir) -> Task``; it may declare its own
+``rnnjax train`` and ``rnnjax generate`` flags (``add_train_flags``, ``add_generate_flags``: see
+:mod:`rnnjax.tasks.flags`). ``config`` is the full, JSON-able run configuration (the flags,
+saved as ``config.json``); ``run_dir`` is where the task keeps what it derives from data (a
+vocabulary, a normalizer) so that ``rnnjax generate``/``evaluate`` rebuild the same model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rnnjax.core import Layer
 from rnnjax.data.text import DataError
 from rnnjax.train import make_step
 
-#: Flags shared by every task, with defaults that work; a task's DEFAULTS override them.
+#: The flags every task reads, with defaults that work; a task's DEFAULTS override them.
 COMMON_DEFAULTS: dict[str, Any] = {
     "cell": "lstm",
     "hidden": 128,
@@ -34,12 +36,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "steps": 1000,
     "batch_size": 32,
     "seq_len": 50,
-    "tbptt": 0,
     "lr": 3e-3,
     "clip": 1.0,
     "seed": 0,
     "data": None,
-    "column": None,
     "checkpoint_every": 250,
     "eval_every": 250,
 }
@@ -72,8 +72,10 @@ class Task:
       metric: the task's own metric name (``bpc``, ``mse``, ``accuracy``, ...).
       report: ``(params, run_dir) -> lines`` printed after training (samples, baselines);
         may write plots into ``run_dir``.
-      generate: ``(params, prompt, length, temperature, top_k, top_p, seed) -> str`` for tasks
-        that generate text; None otherwise.
+      generate: ``(params, options) -> str``, for tasks that declare ``add_generate_flags``
+        (None otherwise): what the run generates (a sample, an answer, a forecast), as printed
+        by ``rnnjax generate``. ``options`` has an attribute per declared flag: the parsed
+        flags, or :func:`rnnjax.tasks.flags.generate_options` from Python.
       step: ``(optimizer, clip_norm) -> step function``; full BPTT over ``loss_fn`` by default.
       carry: the initial ``TrainState.carry`` (a batch of carries for streaming TBPTT).
     """
@@ -127,18 +129,11 @@ def split_keys(config: dict, n: int) -> list[jax.Array]:
 
 
 def check_generated(config: dict) -> None:
-    """Refuse the flags that only data-file and streaming tasks use."""
-    task = config["task"]
-    if config["tbptt"]:
+    """Refuse ``--data``: the task generates its own data."""
+    if config["data"] is not None:
         raise DataError(
-            f"--tbptt applies to the charlm task only (a text stream read in chunks); the {task} "
-            "task trains on whole sequences with full BPTT: drop --tbptt"
+            f"--data does not apply to the {config['task']} task: it generates its own data"
         )
-    for flag in ("data", "column"):
-        if config[flag] is not None:
-            raise DataError(
-                f"--{flag} does not apply to the {task} task: it generates its own data"
-            )
 
 
 def readout(carry: Any, bidirectional: bool) -> jax.Array:

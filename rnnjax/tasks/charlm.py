@@ -20,6 +20,7 @@ import rnnjax as rj
 from rnnjax.data.text import CharVocab, DataError, read_text, stdlib_corpus
 from rnnjax.generate import sample
 from rnnjax.tasks.base import Task, recurrent_layers, recurrent_size, split_keys
+from rnnjax.tasks.flags import number
 from rnnjax.train import cross_entropy, stream_step, tbptt_step
 
 DEFAULTS = {
@@ -30,11 +31,53 @@ DEFAULTS = {
     "lr": 3e-3,
     "checkpoint_every": 500,
     "eval_every": 250,
+    "tbptt": 0,
 }
 EMBED = 64
 VAL_FRACTION = 0.05
 VAL_WINDOWS = 64  # held-out windows of seq_len characters, evaluated in one batch
-PROMPT = "The "
+PROMPT = "The "  # the sample after training starts here
+
+
+def add_train_flags(group) -> None:
+    """``rnnjax train --task charlm --tbptt K``."""
+    group.add_argument(
+        "--tbptt", type=number(int, 0), metavar="K",
+        help="truncated BPTT: read the training text as --batch-size contiguous streams, K "
+        "characters per step, the carry flowing from step to step; 0 is off: random windows "
+        f"of --seq-len (default: {DEFAULTS['tbptt']})",
+    )  # fmt: skip
+
+
+def add_generate_flags(group) -> None:
+    """``rnnjax generate --run DIR`` of a charlm run: sample text."""
+    group.add_argument(
+        "--prompt",
+        help="the text to continue (default: none: the sample starts at the start of the "
+        "training text, from its first character)",
+    )
+    group.add_argument(
+        "--length", type=number(int, 0), default=300,
+        help="characters to sample after the prompt (default: 300)",
+    )  # fmt: skip
+    group.add_argument(
+        "--temperature", type=number(float, 0.0), default=0.8,
+        help="divides the logits: below 1 more likely characters, 0 the likeliest always "
+        "(greedy; default: 0.8)",
+    )  # fmt: skip
+    group.add_argument(
+        "--top-k", type=number(int, 1), metavar="K",
+        help="sample among the K likeliest characters only (default: none: all of them)",
+    )  # fmt: skip
+    group.add_argument(
+        "--top-p", type=number(float, 0.0, inclusive=False, high=1.0), default=1.0, metavar="P",
+        help="sample among the likeliest characters that hold probability P (nucleus "
+        "sampling; default: 1.0, all)",
+    )  # fmt: skip
+    group.add_argument(
+        "--seed", type=number(int, 0), default=0,
+        help="seeds the sampling: the same seed, the same text (default: 0)",
+    )  # fmt: skip
 
 
 def load_text(config: dict) -> str:
@@ -97,10 +140,12 @@ def build(config: dict, run_dir: Path) -> Task:
         return {"loss": loss, "bpc": metrics["bpc"], "baseline_bpc": unigram_bpc}
 
     def generate(params, prompt=PROMPT, length=300, temperature=0.8, top_k=None, top_p=1.0, seed=0):
-        ids = vocab.encode(prompt or PROMPT[0])
+        """``prompt`` and ``length`` characters sampled after it. Without a prompt (None or
+        empty) the sample starts where the text does: its first character, then ``length``."""
+        prompt = prompt or train_text[0]
         out = sample(
-            apply_tokens, params, jnp.asarray(ids), length, key=jax.random.key(seed),
-            temperature=temperature, top_k=top_k, top_p=top_p,
+            apply_tokens, params, jnp.asarray(vocab.encode(prompt)), length,
+            key=jax.random.key(seed), temperature=temperature, top_k=top_k, top_p=top_p,
         )  # fmt: skip
         return prompt + vocab.decode(out)
 
@@ -118,7 +163,10 @@ def build(config: dict, run_dir: Path) -> Task:
 
     task = Task(
         params=params, loss_fn=loss_fn, train_data=None, evaluate=evaluate, metric="bpc",
-        report=report, generate=generate,
+        report=report,
+        generate=lambda params, o: generate(
+            params, o.prompt, o.length, o.temperature, o.top_k, o.top_p, o.seed
+        ),
         info={"vocab_size": V, "train_chars": len(train_text), "val_chars": len(val_text)},
     )  # fmt: skip
 

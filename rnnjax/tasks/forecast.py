@@ -16,7 +16,7 @@ seeds 0-4 to 0.61-0.74x.
 
 Validation reports, in the series' own units, the one-step MSE over the held-out part and the
 MSE of ``HORIZON``-step rollouts, each beside the naive and seasonal-naive forecasts of the same
-values.
+values. ``rnnjax generate --run DIR`` forecasts ``--horizon`` steps past the end of the series.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from rnnjax.data.series import (
 )
 from rnnjax.data.text import DataError
 from rnnjax.tasks.base import Task, recurrent_layers, recurrent_size, split_keys
+from rnnjax.tasks.flags import number
 from rnnjax.train import make_step, mse
 
 # Small and quick: about 10 s of training on 2 CPU cores, and beats both baselines on the
@@ -54,6 +55,7 @@ DEFAULTS = {
     "lr": 5e-3,
     "checkpoint_every": 500,
     "eval_every": 250,
+    "column": None,
 }
 LENGTH = 3000  # steps of the generated series
 PERIOD = 24  # its season
@@ -63,6 +65,24 @@ ROLLOUTS = 128  # rollout origins at most, evenly spaced through the held-out pa
 STATE_FILE = "series.json"
 LR_FLOOR = 0.05  # the step size decays to this fraction of --lr
 ROLLOUT_KEYS = ("rollout_mse", "rollout_naive_mse", "rollout_seasonal_naive_mse")
+
+
+def add_train_flags(group) -> None:
+    """``rnnjax train --task forecast --data FILE.csv --column NAME``."""
+    group.add_argument(
+        "--column", metavar="NAME",
+        help="the column of the --data CSV file to model (default: none: the file's only "
+        "numeric column)",
+    )  # fmt: skip
+
+
+def add_generate_flags(group) -> None:
+    """``rnnjax generate --run DIR`` of a forecast run: forecast past the end of the series."""
+    group.add_argument(
+        "--horizon", type=number(int, 1), default=HORIZON, metavar="H",
+        help="steps to forecast after the last value of the series, each prediction fed back "
+        f"as the next input (default: {HORIZON})",
+    )  # fmt: skip
 
 
 class Forecaster(NamedTuple):
@@ -183,11 +203,6 @@ def _load_state(path: Path) -> tuple[Normalizer, int]:
 
 
 def build(config: dict, run_dir: Path) -> Task:
-    if config["tbptt"]:
-        raise DataError(
-            f"--tbptt {config['tbptt']} applies to the charlm task only; forecast trains on "
-            "whole windows of --seq-len steps (drop --tbptt)"
-        )
     model = forecaster(config)
     values, source, period = load_series(config)
     seq_len, batch_size = config["seq_len"], config["batch_size"]
@@ -322,12 +337,21 @@ def build(config: dict, run_dir: Path) -> Task:
         fig.tight_layout()
         fig.savefig(path)
 
+    rollout = jax.jit(model.rollout, static_argnums=2)
+
+    def generate(params, options) -> str:
+        """The ``options.horizon`` values after the end of the series, as CSV lines
+        ``step,forecast`` (the step counted from the series' first value, 0)."""
+        ahead = rollout(params, jnp.asarray(z[-seq_len:]), options.horizon)[:, 0]
+        values = np.asarray(ahead) * std + mean
+        return "\n".join(["step,forecast", *(f"{n + i},{v:.6g}" for i, v in enumerate(values))])
+
     if not state_path.exists():  # written only once every check has passed
         saved = {"normalizer": norm.to_dict(), "period": period}
         state_path.write_text(json.dumps(saved, indent=2) + "\n")
     return Task(
         params=params, loss_fn=loss_fn, train_data=train_data, evaluate=evaluate, metric="mse",
-        report=report,
+        report=report, generate=generate,
         step=lambda opt, clip: decayed_step(loss_fn, opt, clip, steps=config["steps"]),
         info={"train_steps": n_train, "val_steps": n_val, "period": period, "horizon": horizon},
     )  # fmt: skip

@@ -33,6 +33,7 @@ import rnnjax as rj
 from rnnjax.data.text import CharVocab, DataError
 from rnnjax.generate import beam_search, greedy_decode
 from rnnjax.tasks.base import Task, make_cell, recurrent_layers, split_keys
+from rnnjax.tasks.flags import number
 from rnnjax.train import accuracy, cross_entropy
 
 DEFAULTS = {
@@ -54,6 +55,19 @@ MAX_DIGITS = 9  # a * 10**D + b, the key of a problem, fits in int64
 PAD, START, END = "\x00", "\x02", "\x03"  # NUL, start of text, end of text
 VOCAB = CharVocab(("\ufffd", PAD, START, END, *"0123456789+"))
 PAD_ID, START_ID, END_ID = (int(i) for i in VOCAB.encode(PAD + START + END))
+
+
+def add_generate_flags(group) -> None:
+    """``rnnjax generate --run DIR`` of a seq2seq run: answer one problem."""
+    group.add_argument(
+        "--prompt", metavar="A+B",
+        help="the problem to answer, two numbers of at most the run's digits "
+        "(default: none: a random problem drawn with --seed)",
+    )  # fmt: skip
+    group.add_argument(
+        "--seed", type=number(int, 0), default=0,
+        help="draws the problem when there is no --prompt (default: 0)",
+    )  # fmt: skip
 
 
 class PromptError(DataError):
@@ -254,11 +268,6 @@ def model(config: dict) -> Seq2Seq:
 
 
 def build(config: dict, run_dir: Path) -> Task:
-    if config["tbptt"]:
-        raise DataError(
-            "--tbptt applies only to the charlm task (a stream of text); seq2seq trains on whole "
-            "problems, so drop --tbptt"
-        )
     digits = digits_for(config["seq_len"])
     seed, batch_size = config["seed"], config["batch_size"]
     T = digits + 2  # answer steps: the longest sum and END
@@ -316,15 +325,12 @@ def build(config: dict, run_dir: Path) -> Task:
         greedy, beam = decode(params, batch.source, batch.source_len)
         return [(decode_answer(g), decode_answer(b)) for g, b in zip(greedy, beam, strict=True)]
 
-    def generate(
-        params, prompt=None, length=None, temperature=None, top_k=None, top_p=None, seed=0
-    ):
-        """``prompt`` ('A+B'; default a random problem drawn with ``seed``) answered greedily
-        and by beam search: ``"123+45 -> 168 (beam: 168)"``. Decoding is deterministic, so
-        ``length`` and the sampling settings do not apply."""
-        del length, temperature, top_k, top_p
+    def generate(params, options) -> str:
+        """``options.prompt`` ('A+B'; if None, a random problem drawn with ``options.seed``)
+        answered greedily and by beam search: ``"123+45 -> 168 (beam: 168)"``."""
+        prompt = options.prompt
         if prompt is None:
-            a, b = draw(np.random.default_rng([seed, 0, 2]), 1, digits)
+            a, b = draw(np.random.default_rng([options.seed, 0, 2]), 1, digits)
             prompt = f"{a[0]}+{b[0]}"
         check_prompt(prompt, digits)
         ((greedy, beam),) = answer(params, [prompt])

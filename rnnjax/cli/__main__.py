@@ -1,0 +1,7 @@
+"""``python -m rnnjax.cli``: the ``rnnjax`` command."""
+
+import sys
+
+from rnnjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,322 @@
+"""``rnnjax bench SUITE``: the benchmark suites of :mod:`rnnjax.bench` from the command line.
+
+Each suite's flags have the defaults of its Python function; ``--out`` is refused before any
+work if it holds something other than a previous result of the same suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from rnnjax.cli.errors import CLIError
+from rnnjax.tasks.flags import number
+
+CELLS = ("lstm", "gru", "elman")
+
+DESCRIPTION = """\
+scan-vs-unroll and peers share one method: each group of candidates (one cell and length,
+or one shape) runs in a worker process that compiles them one at a time (trace and compile
+timed apart; a compile past --compile-timeout is killed and reported as "timed out"), then
+times them interleaved (A, B, C, A, B, C, ...): warm-up excluded, every call waited for
+(block_until_ready), median of --repeats rounds with min and IQR, ratios to a reference
+candidate. Peak memory is XLA's buffer-assignment estimate (compiled.memory_analysis()), not
+RSS. Writes OUT/SUITE.json (config, machine, versions, the command, every row) and
+OUT/SUITE.png, and prints a table.
+
+  rnnjax bench scan-vs-unroll      lax.scan with unroll 1..16 and True vs a Python loop
+  rnnjax bench peers               rnnjax vs Flax linen/nnx, Equinox, PyTorch
+  rnnjax bench memory              BPTT peak memory vs T: plain scan, per-step and sqrt remat
+"""
+
+
+def add_parser(sub) -> None:
+    """Add ``bench`` and its suites, each a subcommand, to ``sub``."""
+    import importlib  # the modules (rnnjax.bench re-exports functions of the same names)
+
+    svu = importlib.import_module("rnnjax.bench.scan_vs_unroll")
+    peers = importlib.import_module("rnnjax.bench.peers")
+    fmt = argparse.RawDescriptionHelpFormatter
+    bench = sub.add_parser(
+        "bench", help="benchmarks: scan vs unroll, rnnjax vs peers, BPTT memory",
+        description=DESCRIPTION, formatter_class=fmt,
+    )  # fmt: skip
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+
+    def common(p):
+        p.add_argument("--out", type=Path, default=Path("runs/bench"),
+                       help="directory for SUITE.json and SUITE.png (default: runs/bench); a "
+                       "previous result of the same suite there is replaced")  # fmt: skip
+        p.add_argument(
+            "--json", action="store_true", help="print the result JSON, not a table (default: off)"
+        )
+
+    def timing(p):
+        p.add_argument(
+            "--repeats",
+            type=number(int, 1),
+            default=10,
+            help="interleaved timing rounds; the median is reported (default: 10)",
+        )
+        p.add_argument("--compile-timeout", type=number(float, 0.0, inclusive=False),
+                       default=60.0, metavar="SECONDS",
+                       help="limit on one candidate's trace + compile (default: 60)")  # fmt: skip
+
+    p = suites.add_parser(
+        "scan-vs-unroll",
+        help="lax.scan unroll 1/2/4/8/16/True vs the Python loop: compile, step time, memory",
+        description="For each cell and T: rnnjax.scan with each unroll and rnnjax.loop, batched "
+        "with jax.vmap; trace and compile time, forward and forward+backward (grad of sum(ys**2) "
+        "w.r.t. params) median step time, XLA peak-memory estimate; ratios to scan(unroll=1). "
+        "A candidate that times out at one T is not tried at larger T.",
+    )  # fmt: skip
+    p.add_argument(
+        "--cells",
+        type=_names(svu.CELLS),
+        default=svu.CELLS,
+        help=f"comma-separated, from {','.join(svu.CELLS)} (default: all)",
+    )
+    p.add_argument(
+        "--lengths",
+        type=_int_list,
+        default=svu.LENGTHS,
+        help="sequence lengths T (default: 16,64,256,1024)",
+    )
+    p.add_argument("--batch", type=number(int, 1), default=16, help="B (default: 16)")
+    p.add_argument("--input-size", type=number(int, 1), default=32, help="I (default: 32)")
+    p.add_argument("--hidden", type=number(int, 1), default=128, help="H (default: 128)")
+    p.add_argument("--unrolls", type=_unroll_list, default=svu.UNROLLS,
+                   help="candidates: ints k for scan(unroll=k), full for unroll=True, loop for "
+                   "the Python loop (default: 1,2,4,8,16,full,loop)")  # fmt: skip
+    timing(p)
+    common(p)
+
+    p = suites.add_parser(
+        "peers",
+        help="rnnjax vs Flax linen and nnx, Equinox, PyTorch: forward and forward+backward",
+        description="Per shape and cell, the same inputs through rnnjax (the reference) and each "
+        "peer: forward, and forward+backward of sum(h**2) over all outputs w.r.t. all params. "
+        "rnnjax/peer below 1 means rnnjax is faster. PyTorch runs in its native time-major "
+        "layout, its forward under no_grad. A peer that is not installed is reported as such.",
+    )  # fmt: skip
+    p.add_argument(
+        "--shapes",
+        type=_shape_list,
+        default=peers.SHAPES,
+        help="BxTxIxH,... (default: 16x256x32x64,32x128x64x256,64x64x128x512)",
+    )
+    p.add_argument(
+        "--cells",
+        type=_names(peers.CELLS),
+        default=peers.CELLS,
+        help="comma-separated, from lstm,gru (default: both)",
+    )
+    p.add_argument(
+        "--peers",
+        type=_names(tuple(peers.PEERS)),
+        default=tuple(peers.PEERS),
+        help=f"comma-separated, from {','.join(peers.PEERS)} (default: all)",
+    )
+    timing(p)
+    common(p)
+
+    p = suites.add_parser(
+        "memory",
+        help="BPTT peak memory vs T: plain scan, per-step remat, sqrt(T) checkpointing",
+        description="Peak memory and time of one forward+backward pass per sequence length, for "
+        "rnnjax.scan with remat off (none), per step (step) and every k steps (an int k, or "
+        "sqrt for k = round(sqrt(T))).",
+    )  # fmt: skip
+    p.add_argument("--cell", choices=CELLS, default="lstm", help="the cell (default: lstm)")
+    p.add_argument(
+        "--lengths",
+        type=_int_list,
+        default=(1024, 4096),
+        help="sequence lengths T (default: 1024,4096)",
+    )
+    p.add_argument("--hidden", type=number(int, 1), default=256, help="H (default: 256)")
+    p.add_argument("--batch", type=number(int, 1), default=4, help="B (default: 4)")
+    p.add_argument("--input-size", type=number(int, 1), default=32, help="I (default: 32)")
+    p.add_argument(
+        "--modes",
+        type=_remat_list,
+        default=("none", "step", "sqrt"),
+        help="remat modes: none, step, sqrt or an int k (default: none,step,sqrt)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=("native", "scan"),
+        default="native",
+        help="native: the cell as rj.cells builds it (LSTM/GRU: rnnjax's CPU kernels, "
+        "checkpointed under remat; default); scan: the step-by-step lax.scan",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("outputs", "outputs_in_scan", "final"),
+        default="outputs",
+        help="sum(ys**2) from the stacked outputs (default), the same sum accumulated inside "
+        "the scan, or sum(h_T**2) of the final state",
+    )
+    p.add_argument(
+        "--timeout",
+        type=number(float, 0.0, inclusive=False),
+        default=600.0,
+        metavar="SECONDS",
+        help="limit per measurement (default: 600)",
+    )
+    common(p)
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",")]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = [int(item) for item in _items(text)]
+    except ValueError:
+        values = [0]
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers like 16,64,256, got {text!r}"
+        )
+    return tuple(dict.fromkeys(values))
+
+
+def _names(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        bad = [item for item in _items(text) if item not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated names from {','.join(choices)}, got {text!r} "
+                f"({bad[0]!r} is not one)"
+            )
+        return tuple(dict.fromkeys(_items(text)))
+
+    return parse
+
+
+def _tokens(text: str, words: tuple[str, ...], expected: str) -> tuple[int | str, ...]:
+    values: list[int | str] = []
+    for item in _items(text):
+        if item in words:
+            values.append(item)
+        elif item.isdigit() and int(item) >= 1:
+            values.append(int(item))
+        else:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _unroll_list(text: str) -> tuple[int | str, ...]:
+    return _tokens(text, ("full", "loop"), "comma-separated positive ints, full or loop")
+
+
+def _remat_list(text: str) -> tuple[int | str, ...]:
+    return _tokens(text, ("none", "step", "sqrt"), "comma-separated none, step, sqrt or ints")
+
+
+def _shape_list(text: str) -> tuple[tuple[int, ...], ...]:
+    shapes = []
+    for item in _items(text):
+        parts = item.split("x")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated BxTxIxH shapes of positive ints like 16x256x32x64, "
+                f"got {text!r}"
+            )
+        shapes.append(tuple(map(int, parts)))
+    return tuple(dict.fromkeys(shapes))
+
+
+def _flag_text(value) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join("x".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
+    return str(value)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rnnjax.bench import _harness
+
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a file, not a directory")
+    try:  # before any work: refuse to replace what is not a previous result of this suite
+        _harness.output_paths(args.out, args.suite)
+    except FileExistsError as e:
+        raise CLIError(str(e)) from None
+    skip = {"command", "suite", "json"}
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    command = shlex.join(
+        ["rnnjax", "bench", args.suite]
+        + [f"--{k.replace('_', '-')}={_flag_text(v)}" for k, v in flags.items()]
+    )
+
+    def progress(message: str) -> None:
+        print(f"rnnjax bench {args.suite}: {message}", file=sys.stderr, flush=True)
+
+    try:
+        return _bench(args, command, progress)
+    except KeyboardInterrupt:  # the workers are gone (each is killed on the way out)
+        print(f"rnnjax bench {args.suite}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _bench(args: argparse.Namespace, command: str, progress) -> int:
+    from rnnjax.bench import _harness
+
+    timing = {"repeats": getattr(args, "repeats", None), "progress": progress, "command": command}
+    if args.suite == "scan-vs-unroll":
+        from rnnjax.bench.scan_vs_unroll import format_table, plot_scan_vs_unroll, scan_vs_unroll
+
+        result = scan_vs_unroll(
+            cells=args.cells, lengths=args.lengths, batch=args.batch, input_size=args.input_size,
+            hidden=args.hidden, unrolls=args.unrolls, compile_timeout=args.compile_timeout,
+            **timing,
+        )  # fmt: skip
+        plot, text = plot_scan_vs_unroll, format_table
+    elif args.suite == "peers":
+        from rnnjax.bench.peers import format_table, peers, plot_peers
+
+        result = peers(
+            shapes=args.shapes, cells=args.cells, peers=args.peers,
+            compile_timeout=args.compile_timeout, **timing,
+        )  # fmt: skip
+        plot, text = plot_peers, format_table
+    else:
+        try:
+            from rnnjax.bench.memory import memory, plot_memory
+        except ImportError as e:
+            raise CLIError(f"the memory suite is not available in this version ({e})") from None
+        try:
+            result = memory(
+                cell=args.cell, lengths=args.lengths, hidden=args.hidden, batch=args.batch,
+                input_size=args.input_size, modes=args.modes, timeout=args.timeout,
+                loss=args.loss, progress=progress, command=command, kernels=args.kernels,
+            )  # fmt: skip
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        plot, text = plot_memory, _rows_table
+    json_path, png_path = _harness.write(result, args.out, plot)
+    print(json.dumps(result, indent=1) if args.json else text(result))
+    if not args.json:
+        print(f"wrote {json_path} and {png_path}")
+    failed = [r for r in result.get("results", []) if r.get("status") == "error"]
+    if failed:
+        print(f"rnnjax bench {args.suite}: {len(failed)} measurement(s) failed, e.g. "
+              f"{failed[0].get('error')}; see {json_path}", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _rows_table(result: dict) -> str:
+    """Every scalar field of every result row, for a suite without its own table."""
+    from rnnjax.bench._harness import table
+
+    rows = result.get("results", [])
+    scalar = (str, int, float, bool, type(None))
+    header = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, scalar)))
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return table(header, ([show(r.get(k, "")) for k in header] for r in rows))
