@@ -15,14 +15,14 @@ each step in the backward pass and stores only the carry of every step; ``remat=
 carry every ``k`` steps and recomputes each ``k``-step segment (its intermediates live only while
 that segment's backward runs); ``remat="sqrt"`` picks ``k = round(sqrt(T))``, so about
 ``sqrt(T)`` carries plus one segment's intermediates are kept, for the cost of one extra forward
-pass. Results and gradients are the same in every mode. The float32 LSTM and GRU run ``remat``
-in their native CPU kernels (``rnnjax.cells._native``: the same plan, in C++). No mode shrinks
-the returned outputs ``ys`` (T x output_size per example): when the loss reads every ``ys``,
-they are held in full, and so is their cotangent in the backward pass. The native kernels
-return ``ys`` from a call of its own, which lets XLA write a cotangent that is elementwise in
-``ys`` (``sum(ys ** 2)``, a squared error against targets) over ``ys`` itself; the step scan
-holds both side by side. For a loss that is a sum over steps, compute each step's term inside
-the step (a cell whose output is that term) and neither is stored.
+pass. Results and gradients are the same in every mode. No mode shrinks the returned outputs
+``ys`` (T x output_size per example): when the loss reads every ``ys``, they are held in full,
+and so is their cotangent in the backward pass. For a loss that is a sum over steps, compute
+each step's term inside the step (a cell whose output is that term) and neither is stored.
+
+The float32 LSTM and GRU run whole sequences, ``remat`` included, in rnnjax's compiled CPU
+kernels by default (their ``native=`` argument), with the same results within float32
+rounding; docs/native.md says which kernel runs which pass.
 """
 
 from __future__ import annotations
@@ -330,6 +330,11 @@ def scan(
     Returns:
       ``(carry, ys)``: the carry after the last real step and the outputs, ``(T, output_size)``,
       zero at padded steps.
+
+    A cell with a whole-sequence ``sequence`` (the float32 LSTM's and GRU's native kernels, a
+    ``fused=True`` cell's fast path) runs it instead of the steps when there are no ``reset``
+    flags, with the same results within float32 rounding; ``cell._replace(sequence=None)`` is
+    the step-by-step reference.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.gru(8)

@@ -48,3 +48,20 @@ def test_ruff_lint_and_format():
         [*ruff, "format", "--check", *paths], cwd=ROOT, capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_native_page_names_every_switch_and_threshold():
+    """docs/native.md, the one page on the native kernels' dispatch, names every ``RNNJAX_*``
+    switch the kernels, their JAX rules and the build read, and the thresholds' values."""
+    from rnnjax.cells._native import thresholds
+
+    page = (ROOT / "docs" / "native.md").read_text()
+    sources = [
+        *ROOT.glob("rnnjax/_native/*.cc"), *ROOT.glob("rnnjax/_native/*.py"),
+        *ROOT.glob("rnnjax/cells/**/*.py"), ROOT / "setup.py",
+    ]  # fmt: skip
+    switches = {s for f in sources for s in re.findall(r"\bRNNJAX_[A-Z0-9_]+", f.read_text())}
+    assert {"RNNJAX_NATIVE", "RNNJAX_AVX512", "RNNJAX_ONEDNN_BUILD"} <= switches
+    assert sorted(s for s in switches if f"`{s}`" not in page) == []
+    values = [thresholds.INFERENCE_MAX_UNITS, *thresholds.ONEDNN_MIN_UNITS.values()]
+    assert sorted(str(v) for v in values if f"{v}" not in page) == []

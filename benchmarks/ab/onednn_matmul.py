@@ -28,7 +28,7 @@ from _layers import layer, with_env
 
 from rnnjax.bench._harness import measure
 from rnnjax.bench.peers import SHAPES as PEER_SHAPES
-from rnnjax.cells import _native as kernels
+from rnnjax.cells._native import thresholds
 
 # The peers benchmark's shapes (rnnjax bench peers), each cell.
 SHAPES = [(cell, shape) for cell in ("lstm", "gru") for shape in PEER_SHAPES]
@@ -39,18 +39,18 @@ def compiled(fn, *args, units=None, xla_inference=False):
     ``ONEDNN_MIN_UNITS``; ``xla_inference``: large padded forward passes lowered to XLA's loop
     (``INFERENCE_MAX_UNITS`` 0 and ``RNNJAX_ONEDNN=0`` while tracing, as in a build without
     oneDNN)."""
-    saved = dict(kernels.ONEDNN_MIN_UNITS), kernels.INFERENCE_MAX_UNITS
+    saved = dict(thresholds.ONEDNN_MIN_UNITS), thresholds.INFERENCE_MAX_UNITS
     if units is not None:
-        kernels.ONEDNN_MIN_UNITS.update(units)
+        thresholds.ONEDNN_MIN_UNITS.update(units)
     if xla_inference:
-        kernels.INFERENCE_MAX_UNITS = 0
+        thresholds.INFERENCE_MAX_UNITS = 0
         os.environ["RNNJAX_ONEDNN"] = "0"
     jax.clear_caches()  # nothing traced under other settings is reused
     try:
         program = jax.jit(fn).lower(*args).compile()
     finally:
-        kernels.ONEDNN_MIN_UNITS.update(saved[0])
-        kernels.INFERENCE_MAX_UNITS = saved[1]
+        thresholds.ONEDNN_MIN_UNITS.update(saved[0])
+        thresholds.INFERENCE_MAX_UNITS = saved[1]
         os.environ.pop("RNNJAX_ONEDNN", None)
         jax.clear_caches()
     return program
@@ -67,7 +67,7 @@ def programs(cell_name, batch, steps, inputs, hidden):
     def grad(run):
         return jax.grad(lambda p, *a: jnp.sum(run(p, *a) ** 2))
 
-    every = {key: 0 for key in kernels.ONEDNN_MIN_UNITS}
+    every = {key: 0 for key in thresholds.ONEDNN_MIN_UNITS}
     train = compiled(grad(dense), params, xs)
     primitive = compiled(grad(dense), params, xs, units=every)
     padded_fwd = compiled(padded, params, xs, lengths)

@@ -1,30 +1,17 @@
 """rnnjax's compiled CPU kernels: finding, loading and registering them with XLA.
 
-``pip install`` compiles ``rnn_cpu.cc`` into this folder (``setup.py``; it needs a C++17
-compiler, and is skipped with a warning when there is none). The library holds XLA FFI
-handlers for the recurrent loops of float32 LSTMs and GRUs; its matrix products call ``cblas_sgemm``
-from OpenBLAS (the ``scipy-openblas32`` wheel, a dependency), whose address is handed to the
-library here. On Linux x86-64 the library is also linked against oneDNN (the ``onednn-cpu-gomp``
-wheel, a dependency there, whose ``libdnnl.so.3`` is loaded here first): its matmul then does
-the products of the library's loops for steps of 4096 units (batch rows x hidden units) or more,
-on weights packed once per pass, with the gate arithmetic on all cores, and its RNN primitive
-runs inference over unmasked sequences (:func:`onednn`).
+``pip install`` compiles ``rnnjax/_native/*.cc`` into this folder (``setup.py``; it needs a
+C++17 compiler, and is skipped with a warning when there is none): XLA FFI handlers for the
+recurrent loops of float32 LSTMs and GRUs. Their matrix products call ``cblas_sgemm`` from
+OpenBLAS (the ``scipy-openblas32`` wheel), whose address is handed to the library here; on
+Linux x86-64 the library is also linked against oneDNN (the ``onednn-cpu-gomp`` wheel, whose
+``libdnnl.so.3`` is loaded here first).
 
-:func:`available` says whether the kernels are loaded (``RNNJAX_NATIVE=0`` in the environment
-switches them off); :func:`unavailable_reason` says why not. Cells use them on the CPU backend
-only when available, and otherwise run the same recurrence as ``lax.scan`` loops.
-Compiled for a CPU with AVX-512, the library also has loops that fuse each step's gate
-arithmetic into its matmul, for forward passes (:func:`avx512`; ``RNNJAX_AVX512=0``, read at
-every call, switches them off).
-``RNNJAX_ONEDNN=0`` keeps the kernels and switches only oneDNN off (and with it the kernels'
-OpenMP threads: the AVX-512 loops then run on one thread); ``RNNJAX_ONEDNN_MATMUL=0``
-(read by the kernels at every call) only its matmul in the loops, which then use OpenBLAS
-(``benchmarks/ab/onednn_matmul.py`` compares the two). ``RNNJAX_HUGEPAGES=0``
-(read by the kernels at every call) stops them asking Linux for huge pages behind the output
-arrays they are the first to write (``madvise(MADV_HUGEPAGE)``; XLA maps a program's
-temporaries afresh for every run; with the advice 85% fewer page faults, and an LSTM
-forward+backward 1.05-1.17x faster at the benchmark's medium and large shapes, the GRU's within
-noise: BENCHMARKS.md).
+:func:`available` says whether the kernels are loaded, :func:`unavailable_reason` why not,
+:func:`onednn` and :func:`avx512` what this build runs, :func:`avx512_passes` which loop ran.
+docs/native.md has the dispatch table (which kernel runs which pass, at which sizes) and every
+``RNNJAX_*`` environment switch with when it is read; ``rnnjax.cells._native`` has JAX's
+rules around the kernels.
 """
 
 from __future__ import annotations

@@ -47,10 +47,15 @@ def gru(
     PyTorch's ``weight_ih_l0`` is ``w_i.T``, ``weight_hh_l0`` is ``w_h.T``, ``bias_ih_l0`` is
     ``b_i`` and ``bias_hh_l0`` is ``b_h``. Both forms have the same params.
 
-    ``fused=True`` attaches the whole-sequence fast path (reset-after only),
-    ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16 with float32 state, and
-    ``native`` (default ``None``: whenever they can) runs whole sequences of the float32
-    reset-after GRU with rnnjax's compiled CPU kernels; see :func:`rnnjax.cells.lstm`.
+    ``fused=True`` attaches the whole-sequence fast path (reset-after only) and
+    ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16 with float32 state (see
+    :func:`rnnjax.cells.lstm`). ``native``: ``None`` (the default) runs whole sequences of the
+    float32 reset-after GRU with rnnjax's compiled CPU kernels whenever they can, as
+    :func:`rnnjax.cells.lstm` says (``reset_after=False``, ``compute_dtype`` and ``fused`` keep
+    the ``lax.scan`` of ``step``); ``True`` requires them (errors say why they cannot run);
+    ``False`` never uses them. Values and derivatives equal those of the reference
+    ``cell._replace(sequence=None)`` within float32 rounding, NaN and inf propagating as there;
+    docs/native.md has the dispatch.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.gru(4, reset_after=False)

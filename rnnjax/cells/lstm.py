@@ -77,19 +77,17 @@ def lstm(
         derivatives, with the weight-gradient matmuls moved out of the BPTT loop. Off by
         default because on CPU it measured slower than the step scan (BENCHMARKS.md).
         There is no fast path for a projected LSTM: ``proj_size`` with ``fused=True`` raises.
-      native: run whole sequences with rnnjax's compiled CPU kernels (``rnnjax/_native``: the
-        recurrence as one C++ loop per layer, BPTT as another, weight gradients as single
-        large matmuls; see ``rnnjax.cells._native``). ``None`` (the default): whenever they
-        can, that is when they are compiled and loaded (``rnnjax._native.available()``),
-        JAX's default backend is the CPU, everything is float32 and the cell has no
-        ``proj_size``, ``compute_dtype`` or ``fused``; otherwise, and for sequences with
-        ``reset`` flags or recurrent dropout, the ``lax.scan`` of ``step`` runs, with the
-        same values and derivatives (to float32 rounding). Under ``rnnjax.scan(...,
-        remat=...)`` the kernels checkpoint the carry every k steps and recompute each
-        segment in the backward pass themselves. ``True``: require them
-        (errors say why they cannot run); ``False``: never. ``unroll`` has no effect on them;
-        in kernels built without oneDNN, padded forward-only passes with batch x hidden >=
-        16384 units per step run XLA's loop (measured faster there; BENCHMARKS.md).
+      native: run whole sequences (``rnnjax.scan``, ``rnnjax.layers.rnn``) with rnnjax's
+        compiled CPU kernels. ``None`` (the default): whenever they can, that is when they are
+        compiled and loaded (``rnnjax._native.available()``), JAX's default backend is the CPU,
+        params, carry and inputs are float32 and the cell has no ``proj_size``,
+        ``compute_dtype`` or ``fused``; otherwise the ``lax.scan`` of ``step`` runs. ``True``:
+        require them: such an option raises here, and a call they cannot run raises saying
+        why. ``False``: always the ``lax.scan`` of ``step``. Sequences with ``reset`` flags or
+        recurrent dropout take the ``lax.scan`` of ``step`` in every mode. Values and
+        derivatives (``grad``, ``jvp``, ``vmap``, ``remat=``) equal those of the reference
+        ``cell._replace(sequence=None)`` within float32 rounding, NaN and inf propagating as
+        there. Which kernel runs which pass, and the environment switches: docs/native.md.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> cell = rj.cells.lstm(4)
