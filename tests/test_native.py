@@ -342,7 +342,7 @@ def test_loops_with_onednn_matmul_equal_openblas_and_the_references(name, monkey
     assert_close(both(value_and_grad, params, x), tuple(step(params, x)))
 
 
-# (batch rows, hidden units) for the AVX-512 loops, covering how they split a pass (rnn_cpu.cc:
+# (batch rows, hidden units) for the AVX-512 loops, covering how they split a pass (fused.cc:
 # FusedThreads, FusedByRows on a 2-core machine) and every row-tile height 1-6: one thread
 # (below 256 units), by rows (H <= 128, or 2 x 6 rows per thread), by panels (H > 128 and few
 # rows), hidden sizes that are not a multiple of 16 (a partial panel). The last two have steps

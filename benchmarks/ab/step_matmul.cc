@@ -1,7 +1,7 @@
 // The per-step matmul of a recurrent loop, C (B, N) += A (B, K) op(W), T times with one W, four
 // ways: OpenBLAS's cblas_sgemm (what rnnjax's loops called every step), oneDNN's matmul on W
 // packed once (its blocked layout, the reorder timed too; what StepGemm in
-// rnnjax/_native/rnn_cpu.cc does now), dnnl_sgemm, and oneDNN's matmul on the plain W.
+// rnnjax/_native/matmul.cc does now), dnnl_sgemm, and oneDNN's matmul on the plain W.
 // Each way: 9 repetitions of T steps after a 0.3 s pause (the other library's idle threads
 // stop spinning), median and minimum; the whole comparison twice.
 //
