@@ -21,6 +21,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from glob import glob
 from pathlib import Path
@@ -69,20 +70,24 @@ def onednn_flags() -> list[str]:
 
 class BuildNative(build_ext):
     """Compile the FFI library directly with the C++ compiler (it is not a Python module and
-    needs no Python headers); warn instead of failing when that is impossible."""
+    needs no Python headers); warn instead of failing when that is impossible. The extension is
+    ``optional``: where it was not built, setuptools copies nothing into the source tree for an
+    editable install (``copy_extensions_to_source``), and an install of either kind succeeds
+    without it."""
 
     def build_extension(self, ext: Extension) -> None:
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)  # a skipped build must not ship an earlier build's library
         if os.environ.get("RNNJAX_NATIVE_BUILD", "1") == "0":
-            self.warn("rnnjax: RNNJAX_NATIVE_BUILD=0, not compiling the native CPU kernels")
+            self.skip("RNNJAX_NATIVE_BUILD=0")
             return
         try:
             import jaxlib
 
             include = Path(jaxlib.__file__).resolve().parent / "include"
         except ImportError:
-            self.warn("rnnjax: jaxlib is not importable at build time; skipping native kernels")
+            self.skip("jaxlib is not importable at build time")
             return
         compiler = os.environ.get("CXX", "c++")
         custom = os.environ.get("RNNJAX_NATIVE_CFLAGS")
@@ -94,12 +99,39 @@ class BuildNative(build_ext):
             try:
                 errors = self.compile_library(compiler, include, ext.sources, flags, target)
             except OSError as err:
-                self.warn(f"rnnjax: no C++ compiler ({compiler}: {err}); skipping native kernels")
+                self.skip(f"no C++ compiler ({compiler}: {err})")
                 return
             if errors is None:
                 return
             print(errors[-4000:], file=sys.stderr)
-        self.warn("rnnjax: compiling the native CPU kernels failed; rnnjax will use lax.scan loops")
+        self.skip("they did not compile (pip install -v shows the compiler's errors)")
+
+    def skip(self, why: str) -> None:
+        """Say that the kernels were not built, and why, where pip shows it: pip prints the
+        build backend's Python warnings (its log only with -v)."""
+        message = (
+            f"rnnjax: the native CPU kernels were not built: {why}. rnnjax will run its lax.scan "
+            "loops instead (rnnjax._native.unavailable_reason() says why at run time)."
+        )
+        self.warn(message)
+        warnings.warn(message, stacklevel=2)
+
+    def copy_extensions_to_source(self) -> None:
+        """Editable installs: the library goes next to the sources where it was built; where it
+        was not, a copy left there by an earlier install is removed, so that rnnjax runs its
+        ``lax.scan`` loops instead of kernels built from other sources."""
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            fullname = self.get_ext_fullname(ext.name)
+            built = Path(self.build_lib) / self.get_ext_filename(fullname)
+            package = build_py.get_package_dir(fullname.rpartition(".")[0])
+            in_place = Path(package) / built.name
+            if not built.exists() and in_place.exists():
+                message = f"rnnjax: removing {in_place}, left there by an earlier build"
+                self.warn(message)
+                warnings.warn(message, stacklevel=2)
+                in_place.unlink()
+        super().copy_extensions_to_source()
 
     def compile_library(
         self, compiler: str, include: Path, sources: list[str], flags: list[str], target: Path
@@ -132,6 +164,8 @@ class BuildNative(build_ext):
 
 
 setup(
-    ext_modules=[Extension("rnnjax._native._rnn_cpu", sources=SOURCES, depends=HEADERS)],
+    ext_modules=[
+        Extension("rnnjax._native._rnn_cpu", sources=SOURCES, depends=HEADERS, optional=True)
+    ],
     cmdclass={"build_ext": BuildNative},
 )
