@@ -153,12 +153,15 @@ def _step_fn(cell: Cell, params: Params):
         if reset is not None:
             fresh = cell.initial_carry(params)
             carry = jax.tree.map(lambda new, old: jnp.where(reset, new, old), fresh, carry)
+        given = carry
         if real is not None:
-            # What a padded step reads is never used, so it must not reach a derivative either:
-            # the where below alone would still multiply its zero cotangent by the step's
-            # Jacobian at the padding (NaN padding would make NaN gradients).
+            # A padded step's result is dropped, so what it reads must not reach a derivative
+            # either: the wheres below alone would still multiply their zero cotangent by the
+            # step's Jacobian there (NaN padding, or a NaN carry, would make NaN gradients of
+            # weights that did not touch them).
             x = jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), x)
-        new_carry, y = cell.step(params, carry, x)
+            given = jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), carry)
+        new_carry, y = cell.step(params, given, x)
         if real is None:
             return new_carry, y
         carry = jax.tree.map(lambda new, old: jnp.where(real, new, old), new_carry, carry)

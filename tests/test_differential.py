@@ -10,8 +10,17 @@ machinery; the profile (``--hypothesis-profile=long`` for many more examples) is
 """
 
 import pytest
-from differential import FAST_PATHS, Config, assert_same, draw_args, may_overflow, program
-from hypothesis import given
+from differential import (
+    FAST_PATHS,
+    Config,
+    all_finite,
+    assert_same,
+    draw_args,
+    may_overflow,
+    program,
+    real_steps,
+)  # fmt: skip
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 NATIVE = ("lstm", "gru")
@@ -19,13 +28,22 @@ OTHERS = tuple(p for p in FAST_PATHS if p not in NATIVE)
 
 
 def check(data, config: Config) -> None:
-    args, tangent = draw_args(data, config)
-    got = program(config, reference=False)(args, tangent)
-    want = program(config, reference=True)(args, tangent)
+    args, tangent, weights = draw_args(data, config)
+    # The one place where the reference is not the standard: a non-finite weight that meets no
+    # real step. JAX's gradient of the padded steps' dropped results is 0 times the step's
+    # Jacobian at that weight, NaN; the kernels never run a padded step, and give 0.
+    assume(all_finite(args[0]) or real_steps(config, *args[3:]))
+    got = program(config, reference=False)(args, tangent, weights)
+    want = program(config, reference=True)(args, tangent, weights)
     tol = FAST_PATHS[config.path][2]
     overflow = may_overflow(args)
     for name in ("forward", "grad", "jvp"):
-        assert_same(got[name], want[name], tol, f"{config} {name}", overflow=overflow)
+        # With 1e30 in the inputs a derivative is a sum of terms of 1e30 times a saturated
+        # gate's f (1 - f), whose float32 rounding leaves the reference itself without a
+        # correct digit: there only where the values are finite is compared.
+        values = not overflow or name == "forward"
+        assert_same(got[name], want[name], tol, f"{config} {name}", overflow=overflow,
+                    values=values)  # fmt: skip
 
 
 def pick(data, path, shapes, maskings=("none", "length", "mask"), remats=(False,)):

@@ -8,7 +8,7 @@ Linux x86-64 the library is also linked against oneDNN (the ``onednn-cpu-gomp`` 
 ``libdnnl.so.3`` is loaded here first).
 
 :func:`available` says whether the kernels are loaded, :func:`unavailable_reason` why not,
-:func:`onednn` and :func:`avx512` what this build runs, :func:`avx512_passes` which loop ran.
+:func:`onednn` and :func:`avx512` what this build runs, :func:`passes` which loops ran.
 docs/native.md has the dispatch table (which kernel runs which pass, at which sizes) and every
 ``RNNJAX_*`` environment switch with when it is read; ``rnnjax.cells._native`` has JAX's
 rules around the kernels.
@@ -100,7 +100,9 @@ def _load() -> str | None:
         lib = ctypes.CDLL(str(path))
         lib.rnnjax_set_sgemm(ctypes.c_void_p(sgemm))
         lib.rnnjax_workspace_bytes.restype = ctypes.c_int64
-        lib.rnnjax_avx512_passes.restype = ctypes.c_int64
+        lib.rnnjax_pass_count.restype = ctypes.c_int64
+        if lib.rnnjax_pass_kinds() != len(PASSES):
+            raise OSError(f"{lib.rnnjax_pass_kinds()} pass counters, expected {len(PASSES)}")
         lib.rnnjax_workspace_bytes.argtypes = [ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_int]
         for target, symbol in TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
@@ -146,10 +148,34 @@ def avx512() -> bool:
     return built and not _off("RNNJAX_AVX512")
 
 
+#: The kernels' pass counters, in the order of rnn_cpu.h's ``Pass``: rnnjax's own loops
+#: (forward saving nothing or every step, BPTT, checkpointed forward and BPTT, the replay of a
+#: checkpointed pass's ys; ``loops_onednn_matmul`` counts those of them whose matmuls ran on
+#: oneDNN), the AVX-512 loops (``avx512``; ``avx512_by_panels`` and ``avx512_by_rows`` count
+#: those that ran on several threads, split by panels or by rows) and oneDNN's RNN primitive.
+PASSES = (
+    "loops_forward", "loops_backward", "checkpoint_forward", "checkpoint_backward", "replay",
+    "loops_onednn_matmul", "avx512", "avx512_by_panels", "avx512_by_rows", "onednn_forward",
+    "onednn_backward",
+)  # fmt: skip
+
+
+def passes() -> dict[str, int]:
+    """How many passes of each kind (:data:`PASSES`) the kernels ran in this process (all 0
+    without them): which code ran, for tests and benchmarks.
+
+    >>> sorted(passes()) == sorted(PASSES)
+    True
+    """
+    if not available():
+        return dict.fromkeys(PASSES, 0)
+    lib = _LIBRARY[0]
+    return {name: int(lib.rnnjax_pass_count(kind)) for kind, name in enumerate(PASSES)}
+
+
 def avx512_passes() -> int:
-    """How many forward passes the AVX-512 loops have run in this process (0 without them):
-    which loop ran, for tests and benchmarks."""
-    return int(_LIBRARY[0].rnnjax_avx512_passes()) if available() else 0
+    """How many forward passes the AVX-512 loops have run in this process (0 without them)."""
+    return passes()["avx512"]
 
 
 @functools.cache

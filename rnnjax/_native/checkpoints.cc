@@ -114,6 +114,8 @@ ffi::Error LstmReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   }
   const int64_t B = d.B, T = d.T, H = d.H, G = 4 * H, I = d.I, K = I + H, k = d.k, S = d.S;
   const bool dnnl = DnnlMatmul(B, H);
+  if (dnnl) CountPass(kLoopsOnednnMatmul);
+  CountPass(kReplay);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     Work w_work(0, K * G);
     const float* w = Stacked(w_work, w_i.typed_data(), w_h.typed_data(), I, H, G);
@@ -168,6 +170,8 @@ ffi::Error GruReplayImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
   }
   const int64_t B = d.B, T = d.T, H = d.H, G = 3 * H, I = d.I, k = d.k, S = d.S;
   const bool dnnl = DnnlMatmul(B, H);
+  if (dnnl) CountPass(kLoopsOnednnMatmul);
+  CountPass(kReplay);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     const int64_t row_floats = I + 2 * G + H;
     const int64_t rows_max = B * ChunkSegments(B, S, row_floats);

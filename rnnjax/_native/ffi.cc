@@ -92,6 +92,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
 #endif
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
+    CountPass(kOnednnForward);
     return OnDnnlThread([&] {
       return DnnlForward<DnnlLstm>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
                                    bias.typed_data(), w_h.typed_data(), nullptr, h0.typed_data(),
@@ -102,6 +103,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return NoDnnl();
 #endif
   }
+  CountPass(save && checkpoint > 0 ? kCheckpointForward : kLoopsForward);
   return LstmLoopsForward(B, T, I, H, reverse, save, checkpoint, x, w_i, bias, w_h, h0, c0, mask,
                           ys, h_last, c_last, h_prev, res);
 }
@@ -128,6 +130,7 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
     const DnnlGrads g{gx->typed_data(),  gw_i->typed_data(), gb->typed_data(),
                       gw_h->typed_data(), nullptr,            gh0->typed_data(),
                       gc0->typed_data()};
+    CountPass(kOnednnBackward);
     return OnDnnlThread([&] {
       return DnnlBackward<DnnlLstm>(B, T, I, H, reverse, gys.typed_data(), gh_last.typed_data(),
                                     gc_last.typed_data(), x.typed_data(), w_i.typed_data(),
@@ -139,6 +142,7 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_
     return NoDnnl();
 #endif
   }
+  CountPass(checkpoint > 0 ? kCheckpointBackward : kLoopsBackward);
   return LstmLoopsBackward(B, T, I, H, reverse, need_dx, checkpoint, gys, gh_last, gc_last, x,
                            w_i, bias, w_h, mask, h_prev, res, gx, gw_i, gb, gw_h, gh0, gc0);
 }
@@ -176,6 +180,7 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
 #endif
   if (dense) {
 #ifdef RNNJAX_WITH_DNNL
+    CountPass(kOnednnForward);
     return OnDnnlThread([&] {
       return DnnlForward<DnnlGru>(B, T, I, H, reverse, save, x.typed_data(), w_i.typed_data(),
                                   b_i.typed_data(), w_h.typed_data(), b_h.typed_data(),
@@ -187,6 +192,7 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
     return NoDnnl();
 #endif
   }
+  CountPass(save && checkpoint > 0 ? kCheckpointForward : kLoopsForward);
   return GruLoopsForward(B, T, I, H, reverse, save, checkpoint, x, w_i, b_i, w_h, b_h, h0, mask,
                          ys, h_last, h_prev, res);
 }
@@ -212,6 +218,7 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
     const DnnlGrads g{gx->typed_data(),   gw_i->typed_data(), gb_i->typed_data(),
                       gw_h->typed_data(), gb_h->typed_data(), gh0->typed_data(),
                       nullptr};
+    CountPass(kOnednnBackward);
     return OnDnnlThread([&] {
       return DnnlBackward<DnnlGru>(B, T, I, H, reverse, gys.typed_data(), gh_last.typed_data(),
                                    nullptr, x.typed_data(), w_i.typed_data(), b_i.typed_data(),
@@ -223,6 +230,7 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> gys, ffi::Buffer<ffi::F32> gh_l
     return NoDnnl();
 #endif
   }
+  CountPass(checkpoint > 0 ? kCheckpointBackward : kLoopsBackward);
   return GruLoopsBackward(B, T, I, H, reverse, need_dx, checkpoint, gys, gh_last, x, w_i, b_i,
                           w_h, b_h, mask, h_prev, res, gx, gw_i, gb_i, gw_h, gb_h, gh0);
 }
@@ -357,6 +365,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxGruReplay, rnnjax::GruReplayImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ys
 );
 
+namespace rnnjax {
+
+namespace {
+std::atomic<int64_t> g_passes[kPassKinds];
+}  // namespace
+
+void CountPass(Pass kind) { g_passes[kind].fetch_add(1, std::memory_order_relaxed); }
+
+int64_t PassCount(int kind) {
+  return kind >= 0 && kind < kPassKinds ? g_passes[kind].load(std::memory_order_relaxed) : 0;
+}
+
+}  // namespace rnnjax
+
 extern "C" {
 // Called once from Python with the address of cblas_sgemm.
 __attribute__((visibility("default"))) void rnnjax_set_sgemm(void* fn) {
@@ -372,14 +394,13 @@ __attribute__((visibility("default"))) int rnnjax_has_onednn() {
 #endif
 }
 
-// Whether this build has the AVX-512 loops (FusedForward), and how many passes they have run.
+// Whether this build has the AVX-512 loops (FusedForward).
 __attribute__((visibility("default"))) int rnnjax_has_avx512() { return rnnjax::kFusedBuilt; }
-__attribute__((visibility("default"))) int64_t rnnjax_avx512_passes() {
-#if defined(__AVX512F__)
-  return rnnjax::g_fused_passes.load();
-#else
-  return 0;
-#endif
+
+// The pass counters (rnn_cpu.h's Pass): how many kinds there are, and one kind's count.
+__attribute__((visibility("default"))) int rnnjax_pass_kinds() { return rnnjax::kPassKinds; }
+__attribute__((visibility("default"))) int64_t rnnjax_pass_count(int kind) {
+  return rnnjax::PassCount(kind);
 }
 
 // Bytes of a dense LSTM's (gru = 0) or GRU's (gru = 1) saved workspace for a (B, T, I) input

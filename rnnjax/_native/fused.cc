@@ -276,14 +276,12 @@ bool FusedByRows(int64_t G, int64_t B, int64_t I, int64_t Hp, int threads) {
 
 }  // namespace
 
-std::atomic<int64_t> g_fused_passes{0};
-
 template <class Cell>
 ffi::Error FusedForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse,
                         const float* x, const float* w_i, const float* w_h, const float* bias4,
                         const float* h0, const float* c0, const bool* mask, float* ys,
                         float* h_prev, float* res, float* h_last, float* c_last) {
-  g_fused_passes.fetch_add(1, std::memory_order_relaxed);
+  CountPass(kFused);
   const int64_t Hp = (H + kUnits - 1) / kUnits * kUnits;
   const int threads = FusedThreads(B, Hp);
   return OnMatmulThread(threads > 1, [&]() -> ffi::Error {
@@ -306,11 +304,14 @@ ffi::Error FusedForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse
         // OpenMP may start fewer threads than asked for: the work and the barrier are the
         // team's.
         const int n = omp_get_num_threads();
+        const bool by_rows = FusedByRows(Cell::kGates, B, I, Hp, n);
 #pragma omp single
-        barrier.Reset(n);  // (single ends in OpenMP's barrier: no one waits before this)
+        {
+          barrier.Reset(n);  // (single ends in OpenMP's barrier: no one waits before this)
+          if (n > 1) CountPass(by_rows ? kFusedByRows : kFusedByPanels);
+        }
         FusedThread<Cell>(f, w_i, w_h, bias4, panels.data(), panel_bias.data(), h,
-                          omp_get_thread_num(), n, FusedByRows(Cell::kGates, B, I, Hp, n),
-                          barrier);
+                          omp_get_thread_num(), n, by_rows, barrier);
       }
 #endif
     } else {

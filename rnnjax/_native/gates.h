@@ -107,6 +107,9 @@ constexpr int64_t kUnits = 16;  // hidden units per panel (fused.cc)
 
 // tanh as Tanh above, 16 lanes at a time; the quotient by a reciprocal refined by one Newton
 // step (a few ulp more than a division, which would cost more than the rest of the gate).
+// At and beyond the clamp it is exactly +-1, as Tanh's quotient is there and XLA's tanh is:
+// the reciprocal's ulps would leave sigmoid(-inf) = 1.5e-7 instead of 0, and a GRU's
+// h' = n + z (h - n) would then carry 1.5e-7 of an h of 1e30 through a closed gate.
 inline __m512 TanhV(__m512 x) {
   const __m512 c = _mm512_set1_ps(kTanhClamp);
   // max/min return their second operand when either is NaN: x goes second, so NaN stays NaN
@@ -121,9 +124,12 @@ inline __m512 TanhV(__m512 x) {
   __m512 r = _mm512_rcp14_ps(q);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));
   const __m512 t = _mm512_mul_ps(p, r);
-  const __mmask16 tiny =
-      _mm512_cmp_ps_mask(_mm512_abs_ps(y), _mm512_set1_ps(kTanhTiny), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(tiny, t, y);
+  const __m512 size = _mm512_abs_ps(y);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(size, _mm512_set1_ps(kTanhTiny), _CMP_LT_OQ);
+  const __mmask16 saturated = _mm512_cmp_ps_mask(size, c, _CMP_GE_OQ);  // false for NaN
+  const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 one = _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f));
+  return _mm512_mask_blend_ps(saturated, _mm512_mask_blend_ps(tiny, t, y), one);
 }
 
 inline __m512 SigmoidV(__m512 x) {
@@ -145,11 +151,16 @@ struct RowStep {
 };
 
 // A row's step ends here: h_out gets the new h where the step is real and h entering where
-// not, y_t the new h or zeros, h_prev (when saving) h entering.
+// not, y_t the new h or zeros, h_prev (when saving) h entering, or zeros at a padded step (as
+// the loops': dW_h = h_prev^T dz must not see a NaN there times dz = 0). The padding units of
+// a partial panel stay exactly zero: their weights are zero, but an infinite input makes their
+// gates inf * 0 = NaN, which the next step's h W_h would spread to every unit.
 inline void Advance(const RowStep& s, __m512 h_new) {
   const __m512 h = _mm512_load_ps(s.h_in);
-  if (s.h_prev != nullptr) _mm512_mask_storeu_ps(s.h_prev, s.units, h);
-  _mm512_store_ps(s.h_out, s.real ? h_new : h);
+  if (s.h_prev != nullptr) {
+    _mm512_mask_storeu_ps(s.h_prev, s.units, s.real ? h : _mm512_setzero_ps());
+  }
+  _mm512_store_ps(s.h_out, s.real ? _mm512_maskz_mov_ps(s.units, h_new) : h);
   _mm512_mask_storeu_ps(s.y, s.units, s.real ? h_new : _mm512_setzero_ps());
 }
 
@@ -170,7 +181,7 @@ struct FusedLstmCell {
       for (int q = 0; q < 6; ++q) _mm512_mask_storeu_ps(s.res + q * H, s.units, parts[q]);
     }
     Advance(s, h_out);
-    if (s.real) _mm512_store_ps(c, c_out);
+    if (s.real) _mm512_store_ps(c, _mm512_maskz_mov_ps(s.units, c_out));  // as h in Advance
   }
 };
 

@@ -54,7 +54,14 @@ void GruSteps(const GruPass& p, int64_t begin, int64_t end, float* h, float* ys,
       }
       std::memcpy(gi + b * G, p.b_i, sizeof(float) * G);
       std::memcpy(gh + b * G, p.b_h, sizeof(float) * G);
-      if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
+      if (h_prev != nullptr) {  // zeros at a padded step: dW_h = h_prev^T dz, and dz is 0 there
+        float* at = h_prev + rows(b, t) * H;
+        if (p.mask[b * T + t]) {
+          std::memcpy(at, h + b * H, sizeof(float) * H);
+        } else {
+          std::memset(at, 0, sizeof(float) * H);
+        }
+      }
     });
     input(p.x + t * I, gi);
     recurrent(h, gh);
@@ -128,6 +135,7 @@ ffi::Error GruLoopsForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reve
                            ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> h_prev,
                            ffi::ResultBuffer<ffi::F32> res) {
   const bool dnnl = DnnlMatmul(B, H);
+  if (dnnl) CountPass(kLoopsOnednnMatmul);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     StepOutputs o;
     if (auto err = OwnOutputs(save, checkpoint, B, T, H, ys, h_prev, res, &o); err.failure()) {
@@ -156,6 +164,7 @@ ffi::Error GruLoopsBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool rev
   Dims d;
   const int64_t G = 3 * H, BT = B * T;
   const bool dnnl = DnnlMatmul(B, H);
+  if (dnnl) CountPass(kLoopsOnednnMatmul);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     HugePages(gx->typed_data(), gx->size_bytes());
     float* gh = gh0->typed_data();

@@ -75,7 +75,14 @@ void LstmSteps(const LstmPass& p, int64_t begin, int64_t end, float* h, float* c
       std::memcpy(xh + b * K, p.x + (b * T + t) * I, sizeof(float) * I);
       std::memcpy(xh + b * K + I, h + b * H, sizeof(float) * H);
       std::memcpy(z + b * G, p.bias, sizeof(float) * G);
-      if (h_prev != nullptr) std::memcpy(h_prev + rows(b, t) * H, h + b * H, sizeof(float) * H);
+      if (h_prev != nullptr) {  // zeros at a padded step: dW_h = h_prev^T dz, and dz is 0 there
+        float* at = h_prev + rows(b, t) * H;
+        if (p.mask[b * T + t]) {
+          std::memcpy(at, h + b * H, sizeof(float) * H);
+        } else {
+          std::memset(at, 0, sizeof(float) * H);
+        }
+      }
     });
     stacked(xh, z);
     ForEachRow(par, B, [&](int64_t b) {
@@ -141,6 +148,7 @@ ffi::Error LstmLoopsForward(int64_t B, int64_t T, int64_t I, int64_t H, bool rev
                             ffi::ResultBuffer<ffi::F32> h_prev, ffi::ResultBuffer<ffi::F32> res) {
   const int64_t G = 4 * H;
   const bool dnnl = DnnlMatmul(B, H);
+  if (dnnl) CountPass(kLoopsOnednnMatmul);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     StepOutputs o;
     if (auto err = OwnOutputs(save, checkpoint, B, T, 2 * H, ys, h_prev, res, &o); err.failure()) {
@@ -180,6 +188,7 @@ ffi::Error LstmLoopsBackward(int64_t B, int64_t T, int64_t I, int64_t H, bool re
   Dims d;
   const int64_t G = 4 * H, BT = B * T;
   const bool dnnl = DnnlMatmul(B, H);
+  if (dnnl) CountPass(kLoopsOnednnMatmul);
   return OnMatmulThread(dnnl, [&]() -> ffi::Error {
     HugePages(gx->typed_data(), gx->size_bytes());
     float* gh = gh0->typed_data();  // the running cotangent of the carry lives in the outputs

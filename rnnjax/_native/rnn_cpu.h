@@ -286,11 +286,30 @@ ffi::Error FusedForward(int64_t B, int64_t T, int64_t I, int64_t H, bool reverse
                         const float* h0, const float* c0, const bool* mask, float* ys,
                         float* h_prev, float* res, float* h_last, float* c_last);
 
-// Passes FusedForward has run in this process (tests read it: rnnjax_avx512_passes).
-extern std::atomic<int64_t> g_fused_passes;
 #else
 constexpr bool kFusedBuilt = false;
 #endif
+
+// ------------------------------------------------------------------------ pass counters
+// How many passes of each kind the kernels ran in this process: which code ran, for the tests
+// (every branch of the dispatch must be reached) and benchmarks. rnnjax._native.PASSES names
+// them in this order (rnnjax_pass_count(kind) reads one).
+enum Pass : int {
+  kLoopsForward,         // rnnjax's loops: a forward pass saving nothing or every step
+  kLoopsBackward,        // rnnjax's loops: BPTT over every saved step
+  kCheckpointForward,    // rnnjax's loops: a forward pass keeping the carry every k steps
+  kCheckpointBackward,   // rnnjax's loops: BPTT recomputing each k-step segment
+  kReplay,               // the ys of a checkpointed pass, recomputed from its checkpoints
+  kLoopsOnednnMatmul,    // of the five above, passes whose matmuls ran on oneDNN (DnnlMatmul)
+  kFused,                // the AVX-512 loops (FusedForward), any thread count
+  kFusedByPanels,        // of which on several threads, each with some of the panels
+  kFusedByRows,          // of which on several threads, each with some of the rows
+  kOnednnForward,        // oneDNN's RNN primitive, forward (the dense mode)
+  kOnednnBackward,       // oneDNN's RNN primitive, backward
+  kPassKinds
+};
+void CountPass(Pass kind);
+int64_t PassCount(int kind);  // 0 for a kind out of range
 
 // Whether a forward pass over B rows of H units runs FusedForward (read per call; fused.cc says
 // when and why).

@@ -77,13 +77,17 @@ def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
 
         def body(state, inputs):
             x_t, m = inputs
+            given = state
+            if m is not None:  # a padded step's result is dropped: as in rnnjax.scan, what it
+                # reads (a NaN carry) must not reach a derivative through its linearization
+                given = tuple(jnp.where(m, s, jnp.zeros_like(s)) for s in state)
             # The forward's input projection stays in the loop: hoisted as one (T*B, I) @ (I, G)
             # matmul before it, it measured no faster on CPU (PERF-NOTES.md); the tangent's is.
             a_t = x_t @ w_i + b_i
-            r_t = state[0] @ w_h
+            r_t = given[0] @ w_h
             if b_h is not None:
                 r_t = r_t + b_h
-            new, coef = kernel.forward(a_t, r_t, state)
+            new, coef = kernel.forward(a_t, r_t, given)
             keep = None
             if m is not None:
                 keep = tuple(jnp.broadcast_to(m, s.shape) for s in state)
@@ -92,7 +96,7 @@ def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
             if not linearize:
                 return new, (y, None, None)
             packed = jnp.concatenate([y, coef], axis=-1)
-            xh = jnp.concatenate([x_t, state[0]], axis=-1) if pack_x else state[0]
+            xh = jnp.concatenate([x_t, given[0]], axis=-1) if pack_x else given[0]
             return new, (packed, xh, keep)
 
         final, (out, xh, keep) = lax.scan(body, state0, (xs, real), reverse=reverse, unroll=unroll)
@@ -125,10 +129,13 @@ def _sequence_fn(kernel: Kernel, reverse: bool, unroll: int | bool) -> Callable:
 
         def body(dstate, inputs):
             packed_t, da_t, dr_w_t, keep_t = inputs
-            dr_t = dstate[0] @ w_h
+            given = dstate  # as in the primal: a padded step reads zeros
+            if keep_t is not None:
+                given = tuple(jnp.where(k, s, 0) for k, s in zip(keep_t, dstate, strict=True))
+            dr_t = given[0] @ w_h
             if dr_w_t is not None:
                 dr_t = dr_t + dr_w_t
-            dnew = kernel.tangent(packed_t, da_t, dr_t, dstate)
+            dnew = kernel.tangent(packed_t, da_t, dr_t, given)
             if keep_t is None:
                 return dnew, dnew[0]
             dnew = tuple(jnp.where(k, n, s) for k, n, s in zip(keep_t, dnew, dstate, strict=True))

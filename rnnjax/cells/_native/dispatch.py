@@ -98,6 +98,9 @@ def _run(kernels, weights, xs, state0, real, reverse, remat):
     check_step_input(name, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), w_i.shape[0])
     dense = _dense(xs, weights[2], real)
     mask = jnp.ones(xs.shape[:1], bool) if real is None else real
+    if real is not None:  # padding never reaches a value or a derivative (as in rnnjax.scan):
+        # the weight gradients' x^T dz over all rows would make NaN of NaN padding times 0
+        xs = jnp.where(real[:, None], xs, jnp.zeros_like(xs))
     args = (xs[None], *weights, *(s[None] for s in state0), mask[None])
     checkpoint = _segment_steps(remat, xs.shape[0]) or 0
     return [o[0] for o in recurrence(kernels, args, bool(reverse), dense, checkpoint)]

@@ -87,6 +87,7 @@ def forward_reference(x, w_i, b, w_h, h0, c0, mask, *, reverse, save=True, dense
     (h, c), (ys, h_prev, res) = lax.scan(body, (h0, c0), _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
     entering = jnp.concatenate([h_prev, _gates(res)[4]], axis=-1)
+    h_prev = jnp.where(mask[..., None], h_prev, 0)  # as the kernels save it (zeros if padded)
     h_prev, res = _kept("lstm", x, w_h, h_prev, res, entering, reverse=reverse, save=save,
                         dense=dense, checkpoint=checkpoint)  # fmt: skip
     return ys, h, c, h_prev, res
@@ -192,7 +193,8 @@ def gru_forward_reference(x, w_i, b_i, w_h, b_h, h0, mask, *, reverse, save=True
 
     h, (ys, h_prev, res) = lax.scan(body, h0, _time_major(x, mask), reverse=reverse)
     ys, h_prev, res = _time_major(ys, h_prev, res)
-    h_prev, res = _kept("gru", x, w_h, h_prev, res, h_prev, reverse=reverse, save=save,
+    saved = jnp.where(mask[..., None], h_prev, 0)  # as the kernels save it (zeros if padded)
+    h_prev, res = _kept("gru", x, w_h, saved, res, h_prev, reverse=reverse, save=save,
                         dense=dense, checkpoint=checkpoint)  # fmt: skip
     return ys, h, h_prev, res
 
