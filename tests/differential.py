@@ -57,6 +57,7 @@ class Config(NamedTuple):
     reverse: bool = False
     masking: str = "none"  # "none", "length" or "mask"
     remat: bool | int | str = False
+    variant: str = ""  # what else the trace depends on (a threshold a test lowered), or ""
 
 
 def cell_of(config: Config, *, reference: bool):
@@ -110,7 +111,8 @@ def program(config: Config, *, reference: bool):
 
         return {
             "forward": run(*args),
-            "grad": jax.grad(loss, (0, 1, 2))(*args, weights),
+            # the loss too: a checkpointed pass then recomputes ys (the replay)
+            "grad": jax.value_and_grad(loss, (0, 1, 2))(*args, weights),
             "jvp": jax.jvp(primal, (params, xs, carry), tangent)[1],
         }
 

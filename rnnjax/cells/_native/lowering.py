@@ -22,6 +22,11 @@ from rnnjax.cells._native.primitives import GRU, LSTM, reference
 from rnnjax.cells._native.thresholds import is_workspace, uses_onednn
 
 
+#: How many inference passes the CPU lowering gave to XLA's loop (the kernels' pass counters,
+#: ``rnnjax._native.passes()``, count what the kernels run; this counts what they did not).
+XLA_LOOPS = {"lstm": 0, "gru": 0}
+
+
 def _forward_lowering(cell: str, prim: Primitive, n_weights: int):
     native = jax.ffi.ffi_lowering(prim.name)
     replay = jax.ffi.ffi_lowering(f"rnnjax_{cell}_replay")
@@ -58,6 +63,7 @@ def _forward_lowering(cell: str, prim: Primitive, n_weights: int):
             onednn = uses_onednn(cell, batch, hidden, save=save, dense=dense)
         xla_loop = batch * hidden >= thresholds.INFERENCE_MAX_UNITS and not _native.onednn()
         if not save and not onednn and xla_loop:
+            XLA_LOOPS[cell] += 1
             return loop(ctx, *args, reverse=reverse, save=save, dense=dense, checkpoint=checkpoint)
         return native(ctx, *args, reverse=reverse, save=save, dense=onednn, checkpoint=checkpoint)
 
