@@ -9,6 +9,9 @@ training (forward saving, backward) and forward mode. ``tests/differential.py`` 
 machinery; the profile (``--hypothesis-profile=long`` for many more examples) is in conftest.
 """
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from differential import (
     FAST_PATHS,
@@ -22,6 +25,8 @@ from differential import (
 )  # fmt: skip
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+import rnnjax as rj
 
 NATIVE = ("lstm", "gru")
 OTHERS = tuple(p for p in FAST_PATHS if p not in NATIVE)
@@ -91,3 +96,86 @@ def test_checkpointed_kernels_equal_the_reference(path, data):
     shapes = [(3, t, 2, 5) for t in (0, 1, 5, 7)]
     check(data, pick(data, path, shapes, maskings=("none", "length", "mask"),
                      remats=(True, 1, 2, 3, "sqrt")))  # fmt: skip
+
+
+# ------------------------------------------------------------------ what these tests found
+# Each failed before its fix (the commit that made it pass says what was wrong).
+
+
+def _forward(path, x, carry=None, **scan_kw):
+    """The fast path's and the reference's ``(final, ys)`` on one example ``x (T, I)``."""
+    fast, plain, _ = FAST_PATHS[path]
+    hidden = 4
+    params = plain(hidden).init(jax.random.key(0), x.shape[-1])
+    return [
+        jax.jit(lambda p, x, c, cell=cell: rj.scan(cell, p, x, c, **scan_kw))(params, x, carry)
+        for cell in (fast(hidden), plain(hidden))
+    ]
+
+
+@pytest.mark.parametrize("path", NATIVE)
+def test_nan_input_stays_nan_in_the_kernels_forward_pass(path):
+    """The AVX-512 loops' tanh clamped NaN to +-7.9 (max/min return their second operand when
+    one is NaN): every output after a NaN input was finite, the reference's NaN."""
+    x = np.array(jax.random.normal(jax.random.key(1), (5, 3)))
+    x[2, 1] = np.nan
+    got, want = _forward(path, x)
+    assert np.isnan(np.asarray(got[1][2:])).all()
+    assert_same(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("value", [np.inf, -np.inf, 1e30])
+def test_infinite_input_with_a_partial_panel(path, value):
+    """4 hidden units fill a quarter of a 16-unit panel: the other 12 have zero weights, and an
+    infinite input made their gates inf * 0 = NaN, which the next step spread to every unit
+    (hidden before by the clamp that made NaN finite: it failed with that fixed alone)."""
+    x = np.array(jax.random.normal(jax.random.key(2), (5, 3)))
+    x[2, 1] = value
+    got, want = _forward(path, x)
+    assert np.isfinite(np.asarray(want[1])).all()
+    assert_same(got, want, 2e-5)
+
+
+def test_saturated_gate_closes_exactly():
+    """A GRU whose update gate sees -inf keeps none of h: the AVX-512 loops' sigmoid was 1.5e-7
+    there (the tanh's reciprocal), which carried 1.5e23 of an h of 1e30 into h'."""
+    x = np.zeros((2, 3), np.float32)
+    cell = rj.cells.gru(4)
+    params = cell.init(jax.random.key(0), 3)
+    params["b_i"] = params["b_i"].at[4:8].set(-np.inf)  # z's bias: the gate shut
+    carry = jnp.full(4, 1e30)
+    got = rj.scan(cell, params, x, carry)
+    want = rj.scan(cell._replace(sequence=None), params, x, carry)
+    assert np.abs(np.asarray(got[1])).max() <= 1.0  # h' = n, |n| <= 1
+    assert_same(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("path", ["lstm", "gru", "lstm_fused", "elman_fused"])
+@pytest.mark.parametrize("where", ["input", "carry"])
+def test_padding_never_reaches_a_gradient(path, where):
+    """NaN in the padding (of the inputs, or a NaN carry entering padded steps only) gave NaN
+    weight gradients: in rnnjax.scan (0 cotangent times the padded step's Jacobian), the fused
+    path, and the kernels (x^T dz and h_prev^T dz over padded rows)."""
+    fast, plain, _ = FAST_PATHS[path]
+    cell = fast(4)
+    params = cell.init(jax.random.key(0), 3)
+    xs = np.array(jax.random.normal(jax.random.key(1), (2, 5, 3)))
+    carry = jax.tree.map(lambda a: np.full((2, *a.shape), 0.3, np.float32),
+                         cell.initial_carry(params))  # fmt: skip
+    lengths = np.array([3, 0])
+    if where == "input":
+        xs[0, 4] = xs[1, :] = np.nan  # padding only
+    else:
+        jax.tree.map(lambda a: a.__setitem__(1, np.nan), carry)  # the all-padded example
+
+    def grad(cell):
+        def loss(p, x, c):
+            run = jax.vmap(lambda x, c, n: rj.scan(cell, p, x, c, length=n)[1])
+            return jnp.sum(run(x, c, lengths)[0] * 0.5)  # the first example only
+
+        return jax.jit(jax.grad(loss, (0, 1)))(params, xs, carry)
+
+    got, want = grad(cell), grad(plain(4))
+    assert all_finite(want)
+    assert_same(got, want, 2e-5)
