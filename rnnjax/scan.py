@@ -7,7 +7,9 @@ Masking semantics: at a padded step the carry is kept and the output is zero. ``
 means the first ``n`` steps are real (right padding); ``mask`` marks real steps in any pattern.
 ``reverse=True`` runs the real steps from last to first and keeps outputs aligned with the
 input positions, so a reverse pass over right-padded input needs no flipping by the caller.
-The returned carry is the carry after the last real step.
+The returned carry is the carry after the last real step. What padding holds never matters,
+NaN included: a padded step's input (and the carry it would have read) reaches neither an
+output nor a derivative.
 
 Memory of backpropagation through time (``remat=``): plain BPTT stores every step's
 intermediates, so memory grows with T times the cell's activations. ``remat=True`` recomputes
