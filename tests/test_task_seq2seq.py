@@ -3,13 +3,12 @@ and decoding through the real ``rnnjax`` command."""
 
 import json
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_process import finish, launch, ok, rnnjax
 
 from rnnjax import cli
 from rnnjax.data.text import DataError
@@ -158,32 +157,29 @@ def test_bad_flags_and_prompts(tmp_path):
 # ----------------------------------------------------------------------------- the command
 
 
-def rnnjax(*args):
-    return subprocess.Popen(
-        [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def ok(proc, timeout=300):
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny run, then evaluate and generate on it, the four commands side by side."""
-    out = tmp_path_factory.mktemp("runs") / "seq2seq"
-    train = ok(rnnjax("train", "--task", "seq2seq", *TINY, "--out", out))
-    commands = {
-        "evaluate": ("evaluate", "--run", out, "--json"),
-        "prompt": ("generate", "--run", out, "--prompt", "12+345"),
-        "seed 3": ("generate", "--run", out, "--seed", "3"),
-        "seed 3 again": ("generate", "--run", out, "--seed", "3"),
-    }
-    procs = {name: rnnjax(*args) for name, args in commands.items()}
-    return out, train, {name: ok(proc) for name, proc in procs.items()}
+    """One tiny run, then evaluate and generate on it. The processes share a compilation cache:
+    evaluate and the first generate side by side (evaluate's programs are the run's), then the
+    two of seed 3 side by side, on the first's programs."""
+    root = tmp_path_factory.mktemp("runs")
+    out = root / "seq2seq"
+    train = ok(rnnjax("train", "--task", "seq2seq", *TINY, "--out", out, cache=root))
+    commands = [
+        {
+            "evaluate": ("evaluate", "--run", out, "--json"),
+            "prompt": ("generate", "--run", out, "--prompt", "12+345"),
+        },
+        {
+            "seed 3": ("generate", "--run", out, "--seed", "3"),
+            "seed 3 again": ("generate", "--run", out, "--seed", "3"),
+        },
+    ]
+    results = {}
+    for together in commands:
+        procs = {name: launch(*args, cache=root) for name, args in together.items()}
+        results |= {name: ok(finish(proc)) for name, proc in procs.items()}
+    return out, train, results
 
 
 def test_train_writes_a_run_directory(run):
