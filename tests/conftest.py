@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 # since each new shape or option compiles a program; `--hypothesis-profile=long` runs many
 # more, freshly drawn, by hand.
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
-settings.register_profile("ci", max_examples=12, derandomize=True, database=None, **_COMMON)
+settings.register_profile("ci", max_examples=6, derandomize=True, database=None, **_COMMON)
 settings.register_profile("long", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("RNNJAX_HYPOTHESIS_PROFILE", "ci"))
 

@@ -23,7 +23,7 @@ from differential import (
     program,
     real_steps,
 )  # fmt: skip
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import rnnjax as rj
@@ -42,6 +42,8 @@ def check(data, config: Config) -> None:
     want = program(config, reference=True)(args, tangent, weights)
     tol = FAST_PATHS[config.path][2]
     overflow = may_overflow(args)
+    if tol > 1e-3:  # bfloat16: a loss summing B*T*H rounded products has no 8-bit tolerance,
+        got["grad"], want["grad"] = got["grad"][1], want["grad"][1]  # its gradient has
     for name in ("forward", "grad", "jvp"):
         # With 1e30 in the inputs a derivative is a sum of terms of 1e30 times a saturated
         # gate's f (1 - f), whose float32 rounding leaves the reference itself without a
@@ -73,6 +75,8 @@ def test_native_kernels_equal_the_reference_on_special_values(path, data):
 
 
 @pytest.mark.parametrize("path", OTHERS)
+# pure JAX, no dispatch: fewer examples (2/3 of the profile's)
+@settings(max_examples=max(4, settings.default.max_examples * 2 // 3))
 @given(data=st.data())
 def test_fused_paths_equal_the_reference_on_special_values(path, data):
     check(data, pick(data, path, VALUE_SHAPES[1:], maskings=("none", "mask")))

@@ -46,6 +46,9 @@ class Branch(NamedTuple):
 
 
 OFF = (("RNNJAX_AVX512", "0"),)
+# A third of the profile's examples per branch (each branch is also in test_differential's
+# draws; here the point is that it runs, and on special values): 2 in CI.
+EXAMPLES = max(2, settings.default.max_examples // 3)
 BRANCHES = {
     # rnnjax's loops with OpenBLAS: under 4096 units per step (or RNNJAX_ONEDNN_MATMUL=0)
     "loops": Branch(2, 5, env=OFF, moves=("loops_forward", "loops_backward"),
@@ -118,7 +121,7 @@ def onednn_training():
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("name", [n for n, b in BRANCHES.items() if not b.onednn_training])
-@settings(max_examples=4)
+@settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_every_branch_runs_and_equals_the_reference(name, cell, data):
     check_branch(name, cell, data)
@@ -128,7 +131,7 @@ def test_every_branch_runs_and_equals_the_reference(name, cell, data):
 class TestOnednnTraining:
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
     @pytest.mark.parametrize("name", [n for n, b in BRANCHES.items() if b.onednn_training])
-    @settings(max_examples=4)
+    @settings(max_examples=EXAMPLES)
     @given(data=st.data())
     def test_branch_runs_and_equals_the_reference(self, name, cell, data):
         check_branch(name, cell, data)
