@@ -71,8 +71,11 @@ def enumerate_best(log_probs, start, end, max_len, length_penalty=0.0):
 
 def test_greedy_equals_beam_search_of_width_one():
     params, start, end = gru_params(), 1, 0
-    greedy = jax.vmap(lambda c: greedy_decode(gru_step, params, c, start, 9, end_token=end))
-    beam = jax.vmap(lambda c: beam_search(gru_step, params, c, start, end, 9, 1))
+    # jitted: one compile each, not one per operation of the decoding loops
+    greedy = jax.jit(
+        jax.vmap(lambda c: greedy_decode(gru_step, params, c, start, 9, end_token=end))
+    )
+    beam = jax.jit(jax.vmap(lambda c: beam_search(gru_step, params, c, start, end, 9, 1)))
     hs = carries(16)
     tokens, scores = beam(hs)
     np.testing.assert_array_equal(greedy(hs), tokens)

@@ -1,7 +1,9 @@
 """The forecast task: series data and baselines, the model's contracts, and the real CLI.
 
-The CLI tests run ``python -m rnnjax.cli`` in a subprocess at tiny sizes; bad input must exit
-with status 2 and one line on stderr, and leave any existing run directory as it was.
+The CLI tests run ``python -m rnnjax.cli`` in a subprocess at tiny sizes (sharing compiled
+programs through a cache; most bad-input cases call the same ``rnnjax.cli.main`` in-process);
+bad input must exit with status 2 and one line on stderr, and leave any existing run directory
+as it was.
 """
 
 import hashlib
@@ -9,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cli_process import rnnjax
 
+from rnnjax import cli
 from rnnjax.data.series import (
     estimate_period,
     naive_forecast,
@@ -38,13 +41,6 @@ METRICS = {
     "loss", "mse", "naive_mse", "seasonal_naive_mse",
     "rollout_mse", "rollout_naive_mse", "rollout_seasonal_naive_mse",
 }  # fmt: skip
-
-
-def rnnjax(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
 
 
 def config(**flags) -> dict:
@@ -285,13 +281,20 @@ def test_a_small_model_beats_both_baselines_one_step_and_naive_in_rollout(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def cache(tmp_path_factory):
+    """Where this module's CLI processes share compiled programs (cli_process.launch): only the
+    first to need a function compiles it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
     """A tiny run on the ``load`` column of a copy of the CSV: (run dir, data, the process)."""
     tmp = tmp_path_factory.mktemp("forecast")
     data, run = tmp / "load.csv", tmp / "run"
     shutil.copy(CSV, data)
     proc = rnnjax("train", "--task", "forecast", "--data", data, "--column", "load", *TINY,
-                  "--out", run)  # fmt: skip
+                  "--out", run, cache=cache)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run, data, proc
 
@@ -316,9 +319,9 @@ def test_a_csv_column_trains_into_a_run_directory(trained):
     assert "24-step rollout" in proc.stdout and "seasonal naive" in proc.stdout, proc.stdout
 
 
-def test_evaluate_prints_one_json_object_matching_the_last_validation(trained):
+def test_evaluate_prints_one_json_object_matching_the_last_validation(trained, cache):
     run = trained[0]
-    proc = rnnjax("evaluate", "--run", run, "--json")
+    proc = rnnjax("evaluate", "--run", run, "--json", cache=cache)
     assert proc.returncode == 0, proc.stderr
     [line] = proc.stdout.strip().splitlines()
     metrics = json.loads(line)
@@ -329,14 +332,14 @@ def test_evaluate_prints_one_json_object_matching_the_last_validation(trained):
         assert metrics[name] == pytest.approx(last[name], rel=1e-5), name
 
 
-def test_resume_with_more_steps_continues_and_refuses_a_different_model(trained, tmp_path):
+def test_resume_with_more_steps_continues_and_refuses_a_different_model(trained, tmp_path, cache):
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
     before = snapshot(run)
-    proc = rnnjax("train", "--resume", "--out", run, "--bidirectional")
+    proc = rnnjax("train", "--resume", "--out", run, "--bidirectional", cache=cache)
     assert_one_line_error(proc, r"--bidirectional True differs from the run's False")
     assert snapshot(run) == before
-    proc = rnnjax("train", "--resume", "--out", run, "--steps", "40", "--no-progress")
+    proc = rnnjax("train", "--resume", "--out", run, "--steps", "40", "--no-progress", cache=cache)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trained to step 40" in proc.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -346,7 +349,7 @@ def test_resume_with_more_steps_continues_and_refuses_a_different_model(trained,
     assert {"event": "resume", "step": 30}.items() <= events[-1].items()
 
 
-def test_a_damaged_csv_fails_resume_and_evaluate_and_leaves_the_run_untouched(trained):
+def test_a_damaged_csv_fails_resume_and_evaluate_and_leaves_the_run_untouched(trained, cache):
     run, data, _ = trained
     before, text = snapshot(run), data.read_text()
     calls = {  # each must fail with one line, changing nothing
@@ -358,7 +361,8 @@ def test_a_damaged_csv_fails_resume_and_evaluate_and_leaves_the_run_untouched(tr
     try:
         data.write_text(text.replace("10.589", "n/a"))
         with ThreadPoolExecutor(len(calls)) as pool:
-            procs = dict(zip(calls, pool.map(lambda a: rnnjax(*a), calls.values()), strict=True))
+            runs = pool.map(lambda a: rnnjax(*a, cache=cache), calls.values())
+            procs = dict(zip(calls, runs, strict=True))
     finally:
         data.write_text(text)
     for pattern, proc in procs.items():
@@ -385,16 +389,23 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
     }  # fmt: skip
 
 
-def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path):
+def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, cache, capsys):
+    """The first case as a real process (its exit status and stderr are the process's own);
+    the others through the same entry point, rnnjax.cli.main, in this process: a process each
+    would only import the same modules again."""
     cases = bad_inputs(tmp_path)
     outs = {name: tmp_path / f"out-{name}" for name in cases}
     outs["several"].mkdir()  # an existing, empty --out must stay, and stay empty
 
-    def train(name):
-        return rnnjax("train", "--task", "forecast", *cases[name][0], "--out", outs[name])
+    def argv(name):
+        return ["train", "--task", "forecast", *map(str, cases[name][0]), "--out", str(outs[name])]
 
-    with ThreadPoolExecutor(len(cases)) as pool:  # independent processes of ~1 s each
-        procs = dict(zip(cases, pool.map(train, cases), strict=True))
+    first, *others = cases
+    procs = {first: rnnjax(*argv(first), cache=cache)}
+    for name in others:
+        status = cli.main(argv(name))
+        captured = capsys.readouterr()
+        procs[name] = subprocess.CompletedProcess(argv(name), status, captured.out, captured.err)
     for name, proc in procs.items():
         assert_one_line_error(proc, cases[name][1])
         assert not outs[name].exists() or name == "several", name
