@@ -21,7 +21,6 @@ from rnnjax.cells._native import thresholds
 from rnnjax.cells._native.primitives import GRU, LSTM, reference
 from rnnjax.cells._native.thresholds import is_workspace, uses_onednn
 
-
 #: How many inference passes the CPU lowering gave to XLA's loop (the kernels' pass counters,
 #: ``rnnjax._native.passes()``, count what the kernels run; this counts what they did not).
 XLA_LOOPS = {"lstm": 0, "gru": 0}
