@@ -140,7 +140,9 @@ class TestOnednnTraining:
 def check_branch(name: str, cell: str, data) -> None:
     branch = BRANCHES[name]
     skip_unless_built(branch)
-    config = Config(cell, branch.batch, 3, 3, branch.hidden, reverse=data.draw(st.booleans()),
+    # one program per branch and cell (compiling dominates): the LSTM runs it forward, the GRU
+    # in reverse (test_differential draws both directions on every path)
+    config = Config(cell, branch.batch, 3, 3, branch.hidden, reverse=cell == "gru",
                     masking=branch.masking, remat=branch.remat, variant=name)  # fmt: skip
     args, tangent, weights = draw_args(data, config)
     assume(all_finite(args[0]) or real_steps(config, *args[3:]))  # test_differential says why
