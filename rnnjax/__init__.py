@@ -7,6 +7,7 @@ sequence to a sequence; batching is ``jax.vmap``, BPTT is ``jax.grad``.
 from rnnjax import cells, diagnostics, interop, layers
 from rnnjax.cells import LSTMState
 from rnnjax.core import Cell, Layer, output_size
+from rnnjax.linear import linear_scan
 from rnnjax.scan import loop, scan
 
 __version__ = "0.1.0.dev0"
@@ -19,6 +20,7 @@ __all__ = [
     "diagnostics",
     "interop",
     "layers",
+    "linear_scan",
     "loop",
     "output_size",
     "scan",

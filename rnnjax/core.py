@@ -32,8 +32,10 @@ class Cell(NamedTuple):
       sequence: optional whole-sequence fast path, ``(params, xs, carry, real, *, reverse,
         unroll, recurrent_mask=None) -> (carry, ys)`` with ``real`` the ``(T,)`` bool mask of
         real steps or None. It must give exactly what scanning ``step`` gives;
-        :func:`rnnjax.scan` uses it when there are no ``reset`` flags, and under ``remat`` only
-        if it takes a ``remat=`` keyword (then it must honour it: what BPTT stores).
+        :func:`rnnjax.scan` uses it when there are no ``reset`` flags unless it takes a
+        ``reset=`` keyword (the ``(T,)`` bool flags; then the carry must restart from
+        ``initial_carry`` just before each flagged step, as the scan does), and under ``remat``
+        only if it takes a ``remat=`` keyword (then it must honour it: what BPTT stores).
         The float32 LSTM and GRU have one by default, rnnjax's compiled CPU kernels
         (``rnnjax.cells._native``), and ``fused=True`` cells another (``rnnjax.cells._fused``);
         ``cell._replace(sequence=None)`` forces the step-by-step scan.

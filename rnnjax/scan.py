@@ -271,10 +271,11 @@ def _loop_remat(step, carry, inputs, steps: int, remat: Remat, reverse: bool):
     return carry, jax.tree.map(lambda *y: jnp.concatenate(y), *ys)
 
 
-def _takes_remat(sequence) -> bool:
-    """Whether a cell's ``sequence`` accepts ``remat=`` (and so runs checkpointed BPTT)."""
+def _takes(sequence, keyword: str) -> bool:
+    """Whether a cell's ``sequence`` accepts ``keyword=``: ``remat`` (it runs checkpointed BPTT
+    itself) or ``reset`` (it restarts sequences inside a stream itself)."""
     try:
-        return "remat" in inspect.signature(sequence).parameters
+        return keyword in inspect.signature(sequence).parameters
     except (TypeError, ValueError):
         return False
 
@@ -284,15 +285,16 @@ def _fast_path(cell: Cell, xs: Any, reset: Any, remat: Remat) -> bool:
 
     The built-in cells' fast paths (the native CPU kernels of ``rnnjax.cells._native``, the
     ``fused=True`` path of ``rnnjax.cells._fused``) compute the same values with the
-    weight-gradient work moved out of the loop; they cover masks and ``reverse``, while
-    ``reset`` flags and pytree inputs take the step-by-step scan, and ``remat`` does too unless
-    the ``sequence`` takes ``remat=`` (the native kernels do: they checkpoint the carry and
-    recompute segments themselves).
+    weight-gradient work moved out of the loop; they cover masks and ``reverse``. ``reset``
+    flags take the step-by-step scan unless the ``sequence`` takes ``reset=`` (the linear
+    recurrences do: a reset is a zero decay), ``remat`` does too unless it takes ``remat=`` (the
+    native kernels do: they checkpoint the carry and recompute segments themselves), and pytree
+    inputs always do.
     """
     return (
         cell.sequence is not None
-        and reset is None
-        and (remat is False or _takes_remat(cell.sequence))
+        and (reset is None or _takes(cell.sequence, "reset"))
+        and (remat is False or _takes(cell.sequence, "remat"))
         and isinstance(xs, jax.Array | np.ndarray)
     )
 
@@ -363,6 +365,8 @@ def scan(
     carry, inputs, steps = _prepare(cell, params, xs, carry, length, mask, reset, where)
     if _fast_path(cell, xs, reset, remat):
         extra = {} if remat is False else {"remat": remat}
+        if reset is not None:
+            extra["reset"] = inputs[2]
         return cell.sequence(
             params, xs, carry, inputs[1], reverse=bool(reverse), unroll=unroll, **extra
         )
