@@ -1,0 +1,135 @@
+"""What minGRU and minLSTM share (Feng et al. 2024, "Were RNNs All We Needed?"): gates that
+read only the input, so a whole sequence is one ``(T, I) x (I, kH)`` matmul and one linear
+recurrence ``h_t = a_t * h_{t-1} + b_t``, run by :func:`rnnjax.linear_scan` or, in the
+paper's log-space form, by :func:`log_linear_scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rnnjax import linear
+from rnnjax.core import check_option
+
+# (T, kH) projection x W + b -> (a, b), or (log a, log b) in the log-space form.
+Coefficients = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def g(v: jax.Array) -> jax.Array:
+    """The paper's positive activation for the candidate state (Appendix B.3):
+    ``v + 0.5`` for ``v >= 0``, ``sigmoid(v)`` below; continuous at 0 and always positive, so
+    ``h`` stays positive and has a logarithm."""
+    return jnp.where(v >= 0, v + 0.5, jax.nn.sigmoid(v))
+
+
+def log_g(v: jax.Array) -> jax.Array:
+    """``log(g(v))`` without forming ``g``: ``log(v + 0.5)`` or ``-softplus(-v)``."""
+    return jnp.where(v >= 0, jnp.log(jax.nn.relu(v) + 0.5), -jax.nn.softplus(-v))
+
+
+def _logaddexp(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``log(exp(x) + exp(y))`` whose derivative is zero, not NaN, where both are ``-inf`` (a
+    padded step after a reset: ``jnp.logaddexp``'s derivative is NaN there)."""
+    m = lax.stop_gradient(jnp.maximum(x, y))
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    total = jnp.exp(x - m) + jnp.exp(y - m)
+    some = total > 0
+    return jnp.where(some, m + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
+
+
+def _log_combine(first, then):
+    """Two steps ``h -> exp(la) h + exp(lb)`` composed, ``first`` applied first."""
+    la1, lb1 = first
+    la2, lb2 = then
+    return la1 + la2, _logaddexp(la2 + lb1, lb2)
+
+
+def log_linear_scan(
+    log_a: jax.Array,
+    log_b: jax.Array,
+    h0: jax.Array,
+    *,
+    reverse: bool = False,
+    reset: jax.Array | None = None,
+) -> jax.Array:
+    """``h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)`` in log space, ``(T, H)`` arrays.
+
+    The paper's ``parallel_scan_log`` (Appendix B.1, after Heinsen 2023) forms the prefix sums
+    ``A_t = cumsum(log_a)`` and ``log h_t = A_t + logcumsumexp(log_b - A)``; this is the same
+    prefix as an associative scan of ``(log a, log b)`` pairs, composed two at a time, so no
+    term is a difference of two large cumulative sums (float32 loses the low digits of those
+    as ``|A_t|`` grows with T) and a ``reset`` is a decay of ``exp(-inf) = 0``. ``h0`` enters
+    linearly, ``h_t = exp(A_t) h0 + exp(LB_t)``, so it may be zero or negative (the paper takes
+    ``log h0``). Padded steps are ``log a = 0, log b = -inf``: they keep the carry.
+    """
+    if reset is not None:
+        log_a = jnp.where(reset[:, None], -jnp.inf, log_a)
+    big_a, big_b = lax.associative_scan(_log_combine, (log_a, log_b), reverse=reverse)
+    return jnp.exp(big_a) * h0 + jnp.exp(big_b)
+
+
+def check_log_space(cell_name: str, log_space, scan_mode) -> None:
+    if not isinstance(log_space, bool):
+        raise TypeError(f"{cell_name} log_space must be True or False, got {log_space!r}")
+    check_option(f"{cell_name} scan_mode", scan_mode, linear.MODES)
+    if log_space and scan_mode != "auto":
+        raise ValueError(
+            f"{cell_name}(log_space=True, scan_mode={scan_mode!r}): the log-space form runs its "
+            "own log-space scan, not linear_scan's backends; use scan_mode='auto' with it"
+        )
+
+
+def parallel_sequence(
+    cell_name: str, plain: Coefficients, logs: Coefficients, *, log_space: bool, scan_mode: str
+):
+    """A cell's ``sequence``: the projection ``x W + b`` of every step in one matmul, then
+    ``plain``'s coefficients through :func:`rnnjax.linear_scan` (``mode=scan_mode``) or, with
+    ``log_space``, ``logs``' through :func:`log_linear_scan`.
+
+    Padded steps keep the carry (``a = 1, b = 0``) and output zero; their inputs are zeroed
+    before the matmul, so what they hold reaches no derivative. ``reset`` flags zero the carry
+    (``initial_carry`` is zeros). ``remat`` (any mode: there are no per-step carries to
+    checkpoint) stores only the projection, ``(T, kH)``, and recomputes the gates and the
+    recurrence's forward pass in the backward pass."""
+
+    def recurrence(proj, h0, real, reset, *, reverse):
+        keep = None if real is None else real[:, None]
+        if log_space:
+            log_a, log_b = logs(proj)
+            if keep is not None:
+                log_a = jnp.where(keep, log_a, jnp.zeros_like(log_a))
+                log_b = jnp.where(keep, log_b, jnp.full_like(log_b, -jnp.inf))
+            return log_linear_scan(log_a, log_b, h0, reverse=reverse, reset=reset)
+        a, b = plain(proj)
+        if keep is not None:
+            a = jnp.where(keep, a, jnp.ones_like(a))
+            b = jnp.where(keep, b, jnp.zeros_like(b))
+        return linear.linear_scan(a, b, h0, reverse=reverse, reset=reset, mode=scan_mode)
+
+    def sequence(params, xs, carry, real, *, reverse=False, unroll=1, recurrent_mask=None,
+                 remat=False, reset=None):  # fmt: skip
+        del unroll  # no loop of steps to unroll
+        if recurrent_mask is not None:
+            raise ValueError(
+                f"{cell_name} takes no recurrent_mask: it has no recurrent weight matrix, and a "
+                "dropout mask on h_{t-1} scaled by 1/(1-p) would push the decay above 1; use "
+                "input dropout or zoneout"
+            )
+        if real is not None:
+            xs = jnp.where(real[:, None], xs, jnp.zeros_like(xs))
+        proj = xs @ params["w"] + params["b"]
+        if xs.shape[0] == 0:
+            return carry, proj[:, : carry.shape[0]]
+        run = functools.partial(recurrence, reverse=bool(reverse))
+        if remat is not False:
+            run = jax.checkpoint(run)
+        h = run(proj, carry, real, reset)
+        ys = h if real is None else jnp.where(real[:, None], h, jnp.zeros_like(h))
+        return (h[0] if reverse else h[-1]), ys
+
+    return sequence

@@ -1,0 +1,104 @@
+"""minGRU (Feng et al. 2024, "Were RNNs All We Needed?"): a GRU whose gate reads only the
+input, so the recurrence is linear in the carry and trains with a parallel scan."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells._common import (
+    Initializer,
+    check_size,
+    default_bias_init,
+    default_input_init,
+    gate_blocks,
+)
+from rnnjax.cells._minrnn import check_log_space, g, log_g, parallel_sequence
+from rnnjax.core import Cell, check_step_input
+
+
+def mingru(
+    hidden_size: int,
+    *,
+    log_space: bool = False,
+    scan_mode: str = "auto",
+    input_init: Initializer = default_input_init,
+    bias_init: Initializer = default_bias_init,
+    dtype: jnp.dtype = jnp.float32,
+) -> Cell:
+    """A minGRU cell.
+
+    Params: ``w (I, 2H)``, ``b (2H,)``, column blocks (z, h~) (the paper's ``linear_z`` and
+    ``linear_h``: ``w = concat([linear_z.weight.T, linear_h.weight.T], 1)``). Carry and output:
+    ``h (H,)``. With ``k, v = split(x W + b)``::
+
+        z = sigmoid(k)
+        h~ = v                                   # log_space=False
+        h~ = g(v) = v + 0.5 if v >= 0 else sigmoid(v)   # log_space=True (Appendix B.3)
+        h' = (1 - z) * h + z * h~
+
+    ``step`` runs one step; ``sequence`` (what :func:`rnnjax.scan` runs) projects every step in
+    one ``(T, I) x (I, 2H)`` matmul and runs the recurrence ``h_t = a_t h_{t-1} + b_t`` with
+    ``a = 1 - z``, ``b = z h~`` through :func:`rnnjax.linear_scan` (``mode=scan_mode``), or,
+    with ``log_space=True``, in log space (``log a = -softplus(k)``, ``log b = -softplus(-k) +
+    log g(v)``; ``rnnjax.cells._minrnn.log_linear_scan``), as the paper's parallel mode. Both
+    equal the ``lax.scan`` of ``step`` (``cell._replace(sequence=None)``) with ``length``,
+    ``mask``, ``reverse``, ``reset`` and a given carry. ``remat`` stores only the projection
+    and recomputes the gates and the recurrence. Through ``linear_scan`` (its custom VJP) only
+    reverse-mode derivatives exist; use the step scan for ``jax.jvp``.
+
+    No ``recurrent_mask`` (recurrent dropout): there is no recurrent weight matrix, and the
+    decay ``1 - z`` is the only path from ``h_{t-1}``.
+
+    Args:
+      hidden_size: H.
+      log_space: the paper's log-space form (positive ``h~ = g(v)``, log-space scan): a
+        different parametrisation of the candidate, not only another way to compute it.
+      scan_mode: ``linear_scan``'s backend for the plain form (``"auto"``, ``"sequential"``,
+        ``"associative"``, ``"chunked"``, ``"native"``).
+      input_init, bias_init: initializers; ``input_init`` is called once per ``(I, H)`` block.
+      dtype: dtype of the params and the initial carry.
+
+    >>> import jax, jax.numpy as jnp, rnnjax as rj
+    >>> cell = rj.cells.mingru(4)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> h, ys = rj.scan(cell, params, jnp.ones((5, 3)))
+    >>> params["w"].shape, params["b"].shape, ys.shape
+    ((3, 8), (8,), (5, 4))
+    >>> h1 = cell.step(params, cell.initial_carry(params), jnp.ones(3))[0]
+    >>> bool(jnp.allclose(h1, ys[0]))
+    True
+    """
+    check_size("mingru", "hidden_size", hidden_size)
+    check_log_space("mingru", log_space, scan_mode)
+    hs = hidden_size
+
+    def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
+        check_size("mingru.init", "input_size", input_size)
+        kw, kb = jax.random.split(key)
+        return {
+            "w": gate_blocks(kw, input_init, input_size, hs, 2, dtype),
+            "b": bias_init(kb, (2 * hs,), dtype),
+        }
+
+    def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
+        return jnp.zeros((params["w"].shape[1] // 2,), params["w"].dtype)
+
+    def plain(proj):
+        k, v = jnp.split(proj, 2, axis=-1)
+        z = jax.nn.sigmoid(k)
+        return 1.0 - z, z * (g(v) if log_space else v)
+
+    def logs(proj):
+        k, v = jnp.split(proj, 2, axis=-1)
+        return -jax.nn.softplus(k), -jax.nn.softplus(-k) + log_g(v)
+
+    def step(params, h, x):
+        check_step_input("mingru", x, params["w"].shape[0])
+        with jax.named_scope("mingru"):
+            a, b = plain(x @ params["w"] + params["b"])
+            h = a * h + b
+        return h, h
+
+    sequence = parallel_sequence("mingru", plain, logs, log_space=log_space, scan_mode=scan_mode)
+    return Cell(init, initial_carry, step, sequence)
