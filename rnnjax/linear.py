@@ -13,7 +13,9 @@ Backends (``mode=``), one function behind them (recurrentgemma's ``scan.py`` is 
 - ``"chunked"``: blocks of ``chunk`` steps: a scan over the positions inside a block runs all
   blocks at once (``T / chunk`` times wider vectors than ``"sequential"``), a short scan carries
   each block's end into the next, and one elementwise pass adds it in.
-- ``"native"``: rnnjax's compiled CPU kernel (``rnnjax/_native``), where it is built.
+- ``"native"``: rnnjax's compiled CPU kernel (``rnnjax/_native/linear.cc``), float32 and
+  complex64, where it is built: one pass over the arrays each way, with its own backward pass
+  (docs/native.md).
 - ``"auto"`` (the default): picks by platform and size (:func:`resolve_mode`).
 
 Every mode gives the same values and gradients (within rounding: the associative and chunked
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rnnjax._native import linear as native_linear
 from rnnjax.core import check_option
 
 # Backends: (a, b, h0, reverse) -> h, over flattened (T, N) arrays of one dtype, T >= 1.
@@ -98,10 +101,17 @@ def _chunked(a, b, h0, reverse, chunk: int = CHUNK):
     return h.transpose(1, 0, 2).reshape(blocks * k, n)[:steps]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _native(a, b, h0, reverse):
-    from rnnjax._native import linear as native_linear  # noqa: PLC0415 (built lazily)
+    return native_linear.forward(a, b, h0, reverse=reverse)
 
-    return native_linear.linear_recurrence(a, b, h0, reverse=reverse)
+
+@_native.defjvp
+def _native_jvp(reverse, primals, tangents):
+    # Only reached by second derivatives (first ones take the custom VJP): the kernel's values,
+    # with the tangents of the sequential backend, which JAX can transpose.
+    tangent = jax.jvp(lambda a, b, h0: _sequential(a, b, h0, reverse), primals, tangents)[1]
+    return _native(*primals, reverse), tangent
 
 
 BACKENDS: dict[str, Backend] = {
@@ -116,27 +126,30 @@ MODES = ("auto", *BACKENDS)
 
 def native_available() -> bool:
     """Whether the compiled CPU kernel of the recurrence is built and loadable."""
-    try:
-        from rnnjax._native import linear as native_linear  # noqa: PLC0415
-    except ImportError:
-        return False
     return native_linear.available()
 
 
 def resolve_mode(mode: str, steps: int, width: int, dtype) -> str:
-    """The backend ``mode="auto"`` runs for ``steps`` x ``width`` elements of ``dtype``.
+    """The backend ``mode`` runs for ``steps`` x ``width`` elements of ``dtype``: ``mode``
+    itself unless it is ``"auto"``.
 
-    On CPU: the native kernel where it is built and handles the dtype, else ``"chunked"``
-    (``"sequential"`` for short sequences, where blocks buy nothing). On GPU and TPU:
-    ``"associative"`` (a Pallas kernel would slot in here).
+    On CPU: the native kernel where it is built and takes the dtype (float32, complex64), else
+    ``"sequential"``: on this project's 2-core CPU the kernel was the fastest backend at every
+    size measured (T 16 to 65,536, N 16 to 4,096) and ``lax.scan`` the fastest of the others;
+    the associative and chunked forms do several times the memory traffic (PERF-NOTES.md). On
+    GPU and TPU: ``"associative"`` (a Pallas kernel would slot in here). ``steps`` and
+    ``width`` are the hooks for size thresholds, which no measurement has called for yet.
+
+    >>> resolve_mode("chunked", 100, 8, "float32")
+    'chunked'
     """
     if mode != "auto":
         return mode
     if jax.default_backend() != "cpu":
         return "associative"
-    if native_available() and jnp.dtype(dtype) in (jnp.dtype(jnp.float32),):
+    if native_available() and jnp.dtype(dtype) in native_linear.DTYPES:
         return "native"
-    return "sequential" if steps <= 2 * CHUNK else "chunked"
+    return "sequential"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -157,8 +170,8 @@ def _shift(x, fill, reverse):
     return jnp.concatenate([fill[None], x[:-1]])
 
 
-def _recurrence_bwd(reverse, mode, res, g):
-    a, h0, h = res
+def _backward(a, h0, h, g, reverse, mode):
+    """The cotangents of ``(a, b, h0)`` from those of ``h``, on the backend ``mode``."""
     zero = jnp.zeros_like(h0)
     # lambda_t = g_t + a_{t+1} lambda_{t+1}: the recurrence in the other direction, with the a
     # of the step that reads h_t.
@@ -167,6 +180,25 @@ def _recurrence_bwd(reverse, mode, res, g):
     h_prev = _shift(h, h0, reverse)
     first = -1 if reverse else 0
     return lam * h_prev, lam, a[first] * lam[first]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _native_backward(a, h0, h, g, reverse):
+    # The kernel's own backward pass: one pass over a, h and g (20 bytes per float32 element).
+    return native_linear.backward(a, h0, h, g, reverse=reverse)
+
+
+@_native_backward.defjvp
+def _native_backward_jvp(reverse, primals, tangents):
+    backward = lambda *args: _backward(*args, reverse, "sequential")  # noqa: E731
+    return _native_backward(*primals, reverse), jax.jvp(backward, primals, tangents)[1]
+
+
+def _recurrence_bwd(reverse, mode, res, g):
+    a, h0, h = res
+    if mode == "native":
+        return _native_backward(a, h0, h, g, reverse)
+    return _backward(a, h0, h, g, reverse, mode)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -256,7 +288,12 @@ def linear_scan(
     if mode == "native" and not native_available():
         raise RuntimeError(
             "linear_scan mode='native' needs rnnjax's compiled CPU kernels, which are not "
-            "built here: reinstall with a C++ compiler (pip install -e .) or use mode='auto'"
+            f"available here ({native_linear.unavailable_reason()}); use mode='auto'"
+        )
+    if mode == "native" and jnp.dtype(dtype) not in native_linear.DTYPES:
+        raise TypeError(
+            f"linear_scan mode='native' runs float32 and complex64, got {jnp.dtype(dtype)}: "
+            "cast a and b, or use mode='auto'"
         )
     flat = lambda x: x.reshape(steps, width)  # noqa: E731
     h = _recurrence(flat(a), flat(b), h0.reshape(width), bool(reverse), mode)
