@@ -109,3 +109,21 @@ def native_blockers(compute_dtype, fused: bool, dtype, *options) -> list[tuple[b
         (fused, "fused=True"),
         (jnp.dtype(dtype) != jnp.float32, f"dtype={jnp.dtype(dtype).name}"),
     ]
+
+
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm(v: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """Layer normalisation over the last axis (Ba et al. 2016), with learned ``scale`` and
+    ``bias``: ``(v - mean) / sqrt(var + 1e-5) * scale + bias`` (PyTorch's epsilon)."""
+    mean = jnp.mean(v, axis=-1, keepdims=True)
+    centred = v - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    return centred * jax.lax.rsqrt(var + LAYER_NORM_EPS) * scale + bias
+
+
+def check_flag(cell_name: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{cell_name} {name} must be True or False, got {value!r}")
+    return value

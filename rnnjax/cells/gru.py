@@ -9,6 +9,7 @@ from rnnjax.cells import _native as native_kernels
 from rnnjax.cells._common import (
     Initializer,
     check_compute_dtype,
+    check_flag,
     check_fused,
     check_size,
     default_bias_init,
@@ -18,6 +19,7 @@ from rnnjax.cells._common import (
     matmul,
     native_blockers,
 )
+from rnnjax.cells._common import layer_norm as normalise
 from rnnjax.cells._fused import gru_sequence
 from rnnjax.core import Cell, check_step_input
 
@@ -26,6 +28,7 @@ def gru(
     hidden_size: int,
     *,
     reset_after: bool = True,
+    layer_norm: bool = False,
     input_init: Initializer = default_input_init,
     recurrent_init: Initializer = default_recurrent_init,
     bias_init: Initializer = default_bias_init,
@@ -47,6 +50,16 @@ def gru(
     PyTorch's ``weight_ih_l0`` is ``w_i.T``, ``weight_hh_l0`` is ``w_h.T``, ``bias_ih_l0`` is
     ``b_i`` and ``bias_hh_l0`` is ``b_h``. Both forms have the same params.
 
+    ``layer_norm=True`` (Ba et al. 2016's recipe for the GRU, as the common PyTorch
+    implementations apply it) normalises the input and the recurrent pre-activations
+    separately, each over its 3H units, before the biases (reset-after form only: the original
+    form has no single recurrent pre-activation to normalise). With
+    ``LN(v) = (v - mean(v)) / sqrt(var(v) + 1e-5) * scale + bias``, ``gi = LN_i(x W_i) + b_i``
+    and ``gh = LN_h(h W_h) + b_h`` take the place of ``x W_i + b_i`` and ``h W_h + b_h``
+    above. Params gain ``ln_i_scale, ln_i_bias, ln_h_scale, ln_h_bias (3H,)`` (scales one,
+    biases zero at init). It takes the ``lax.scan`` of ``step`` (``native=True`` or
+    ``fused=True`` with it raises).
+
     ``fused=True`` attaches the whole-sequence fast path (reset-after only) and
     ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16 with float32 state (see
     :func:`rnnjax.cells.lstm`). ``native``: ``None`` (the default) runs whole sequences of the
@@ -67,17 +80,29 @@ def gru(
     check_size("gru", "hidden_size", hidden_size)
     if not isinstance(reset_after, bool):
         raise TypeError(f"gru reset_after must be True or False, got {reset_after!r}")
+    normed = check_flag("gru", "layer_norm", layer_norm)
+    if normed and not reset_after:
+        raise ValueError(
+            "gru(layer_norm=True, reset_after=False): layer normalisation normalises the "
+            "recurrent pre-activation h W_h, which the original form splits around r * h; use "
+            "reset_after=True with layer_norm"
+        )
     hs = hidden_size
 
     def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
         check_size("gru.init", "input_size", input_size)
         ki, kh, kbi, kbh = jax.random.split(key, 4)
-        return {
+        params = {
             "w_i": gate_blocks(ki, input_init, input_size, hs, 3, dtype),
             "w_h": gate_blocks(kh, recurrent_init, hs, hs, 3, dtype),
             "b_i": bias_init(kbi, (3 * hs,), dtype),
             "b_h": bias_init(kbh, (3 * hs,), dtype),
         }
+        if normed:
+            for name in ("ln_i", "ln_h"):
+                params[f"{name}_scale"] = jnp.ones((3 * hs,), dtype)
+                params[f"{name}_bias"] = jnp.zeros((3 * hs,), dtype)
+        return params
 
     def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
         return jnp.zeros(params["w_h"].shape[:1], params["w_h"].dtype)
@@ -88,10 +113,15 @@ def gru(
             w_h, b_h = params["w_h"], params["b_h"]
             # Variational dropout masks h where it meets W_h, not in the z-interpolation below.
             h_in = h if recurrent_mask is None else h * recurrent_mask
-            gi = matmul(x, params["w_i"], compute_dtype) + params["b_i"]
-            gi_r, gi_z, gi_n = jnp.split(gi, 3, axis=-1)
+            gi = matmul(x, params["w_i"], compute_dtype)
+            if normed:
+                gi = normalise(gi, params["ln_i_scale"], params["ln_i_bias"])
+            gi_r, gi_z, gi_n = jnp.split(gi + params["b_i"], 3, axis=-1)
             if reset_after:
-                gh_r, gh_z, gh_n = jnp.split(matmul(h_in, w_h, compute_dtype) + b_h, 3, axis=-1)
+                gh = matmul(h_in, w_h, compute_dtype)
+                if normed:
+                    gh = normalise(gh, params["ln_h_scale"], params["ln_h_bias"])
+                gh_r, gh_z, gh_n = jnp.split(gh + b_h, 3, axis=-1)
                 r = jax.nn.sigmoid(gi_r + gh_r)
                 z = jax.nn.sigmoid(gi_z + gh_z)
                 n = jnp.tanh(gi_n + r * gh_n)
@@ -107,6 +137,11 @@ def gru(
         return h, h
 
     compute_dtype = check_compute_dtype("gru", compute_dtype, check_fused(fused))
+    if fused and normed:
+        raise ValueError(
+            "gru(layer_norm=True) has no fused fast path: the fused kernel runs the plain GRU; "
+            "use fused=False (the default) with layer_norm"
+        )
     if fused and not reset_after:
         raise ValueError(
             "gru(reset_after=False) has no fused fast path: its recurrent matmul takes r * h, "
@@ -116,7 +151,11 @@ def gru(
         "gru",
         native,
         native_blockers(
-            compute_dtype, fused, dtype, (None if reset_after else False, "reset_after")
+            compute_dtype,
+            fused,
+            dtype,
+            (None if reset_after else False, "reset_after"),
+            (True if normed else None, "layer_norm"),
         ),
     )
     if not use_native:

@@ -1,5 +1,6 @@
-"""The LSTM cell (Hochreiter & Schmidhuber 1997, with forget gate), PyTorch's layout, and its
-projected form (LSTMP, Sak et al. 2014; PyTorch's ``proj_size``)."""
+"""The LSTM cell (Hochreiter & Schmidhuber 1997, with forget gate), PyTorch's layout, its
+projected form (LSTMP, Sak et al. 2014; PyTorch's ``proj_size``), layer normalisation (Ba et al.
+2016) and peepholes (Gers & Schmidhuber 2000)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rnnjax.cells import _native as native_kernels
 from rnnjax.cells._common import (
     Initializer,
     check_compute_dtype,
+    check_flag,
     check_fused,
     check_size,
     default_bias_init,
@@ -21,6 +23,7 @@ from rnnjax.cells._common import (
     matmul,
     native_blockers,
 )
+from rnnjax.cells._common import layer_norm as normalise
 from rnnjax.cells._fused import lstm_sequence
 from rnnjax.core import Cell, check_step_input
 
@@ -38,6 +41,8 @@ def lstm(
     *,
     proj_size: int | None = None,
     forget_bias: float = 1.0,
+    layer_norm: bool = False,
+    peephole: bool = False,
     input_init: Initializer = default_input_init,
     recurrent_init: Initializer = default_recurrent_init,
     bias_init: Initializer = default_bias_init,
@@ -57,6 +62,28 @@ def lstm(
     ``w_p (H, P)`` (PyTorch's ``weight_hr_l0`` is ``w_p.T``), ``w_h`` is ``(P, 4H)``, the carry
     is ``LSTMState(h (P,), c (H,))`` and the output ``h = (o * tanh(c)) @ w_p``, ``(P,)``.
     A ``recurrent_mask=`` passed to ``step`` then has shape ``(P,)``.
+
+    ``layer_norm=True`` (Ba et al. 2016, Sec. 3.1 and their LN-LSTM equations, as Keras'
+    ``LayerNormLSTMCell``) normalises the input and the recurrent pre-activations separately,
+    each over its 4H units, and the cell state before the output tanh; the carry keeps the
+    unnormalised ``c``, as in Ba et al. (Keras carries the normalised one). With
+    ``LN(v) = (v - mean(v)) / sqrt(var(v) + 1e-5) * scale + bias``::
+
+        i, f, g, o = split(LN_i(x W_i) + LN_h(h W_h) + b)
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)        h' = sigmoid(o) * tanh(LN_c(c'))
+
+    Params gain ``ln_i_scale, ln_i_bias, ln_h_scale, ln_h_bias (4H,)`` and ``ln_c_scale,
+    ln_c_bias (H,)`` (scales start at one, biases at zero).
+
+    ``peephole=True`` (Gers & Schmidhuber 2000; Gers et al. 2002) adds diagonal peephole
+    weights ``p_i, p_f, p_o (H,)`` (zero at init: the plain LSTM): ``i`` and ``f`` read
+    ``c_{t-1}``, ``o`` reads the new ``c_t``::
+
+        i += p_i * c      f += p_f * c      ...      o += p_o * c'
+
+    Both options take the ``lax.scan`` of ``step`` (the native kernels and the fused path do
+    not cover them; ``native=True`` or ``fused=True`` with them raises) and combine with each
+    other and with ``proj_size``.
 
     Args:
       hidden_size: H, the size of the cell state and the gates.
@@ -116,6 +143,15 @@ def lstm(
                 "units down to fewer; use a smaller proj_size or proj_size=None"
             )
     compute_dtype = check_compute_dtype("lstm", compute_dtype, check_fused(fused))
+    normed, peep = (
+        check_flag("lstm", "layer_norm", layer_norm),
+        check_flag("lstm", "peephole", peephole),
+    )
+    if fused and (normed or peep):
+        raise ValueError(
+            f"lstm(layer_norm={normed}, peephole={peep}) has no fused fast path: the fused "
+            "kernel runs the plain LSTM; use fused=False (the default) with these options"
+        )
     if fused and proj_size is not None:
         raise ValueError(
             f"lstm(proj_size={proj_size}) has no fused fast path: the fused kernel feeds back "
@@ -123,7 +159,16 @@ def lstm(
         )
     rows = hs if proj_size is None else proj_size  # the size of h, which meets W_h
     use_native = native_kernels.check_native(
-        "lstm", native, native_blockers(compute_dtype, fused, dtype, (proj_size, "proj_size"))
+        "lstm",
+        native,
+        native_blockers(
+            compute_dtype,
+            fused,
+            dtype,
+            (proj_size, "proj_size"),
+            (True if normed else None, "layer_norm"),
+            (True if peep else None, "peephole"),
+        ),
     )
 
     def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
@@ -137,6 +182,12 @@ def lstm(
         }
         if proj_size is not None:
             params["w_p"] = gate_blocks(kp[0], input_init, hs, proj_size, 1, dtype)
+        if normed:
+            for name, size in (("ln_i", 4 * hs), ("ln_h", 4 * hs), ("ln_c", hs)):
+                params[f"{name}_scale"] = jnp.ones((size,), dtype)
+                params[f"{name}_bias"] = jnp.zeros((size,), dtype)
+        if peep:
+            params.update({name: jnp.zeros((hs,), dtype) for name in ("p_i", "p_f", "p_o")})
         return params
 
     def initial_carry(params: dict[str, jax.Array]) -> LSTMState:
@@ -148,11 +199,19 @@ def lstm(
         check_step_input("lstm", x, params["w_i"].shape[0])
         with jax.named_scope("lstm"):
             h_in = carry.h if recurrent_mask is None else carry.h * recurrent_mask
-            z = matmul(x, params["w_i"], compute_dtype) + matmul(h_in, params["w_h"], compute_dtype)
-            z = z + params["b"]
-            i, f, g, o = jnp.split(z, 4, axis=-1)
+            zx = matmul(x, params["w_i"], compute_dtype)
+            zh = matmul(h_in, params["w_h"], compute_dtype)
+            if normed:
+                zx = normalise(zx, params["ln_i_scale"], params["ln_i_bias"])
+                zh = normalise(zh, params["ln_h_scale"], params["ln_h_bias"])
+            i, f, g, o = jnp.split(zx + zh + params["b"], 4, axis=-1)
+            if peep:
+                i, f = i + params["p_i"] * carry.c, f + params["p_f"] * carry.c
             c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
-            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            if peep:
+                o = o + params["p_o"] * c
+            c_out = normalise(c, params["ln_c_scale"], params["ln_c_bias"]) if normed else c
+            h = jax.nn.sigmoid(o) * jnp.tanh(c_out)
             if proj_size is not None:
                 h = matmul(h, params["w_p"], compute_dtype)
         return LSTMState(h, c), h
