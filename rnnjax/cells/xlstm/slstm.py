@@ -39,10 +39,11 @@ class SLSTMState(NamedTuple):
 
 def _recurrence(params, carry: SLSTMState, wx, forget_gate: str, recurrent_mask=None):
     """One step from the input's share of the pre-activations ``wx = x W (4H,)``."""
-    w_h, b = params["w_h"], params["b"]
-    heads, d = w_h.shape[0], w_h.shape[1]
+    b = params["b"]
+    heads, d = b.shape[0], b.shape[2]
     h = carry.h if recurrent_mask is None else carry.h * recurrent_mask
-    # (heads, d) @ (heads, d, 4, d) -> (4, heads, d): gate-major, as the input's columns.
+    # Per head (d,) @ (d, 4, d) -> (4, heads, d): gate-major, as the input's columns.
+    w_h = params["w_h"].reshape(heads, d, 4, d)
     ry = jnp.einsum("hk,hkgj->ghj", h.reshape(heads, d), w_h)
     pre = wx.reshape(4, heads, d) + ry + jnp.swapaxes(b, 0, 1)
     i_pre, f_pre, z_pre, o_pre = (a.reshape(-1) for a in pre)
@@ -79,10 +80,13 @@ def slstm(
     ``<= 0``. Heads mix only through the input weights: head ``h``'s units
     ``h*d:(h+1)*d`` (``d = H / num_heads``) see only their own previous ``h``.
 
-    Params, in NX-AI/xlstm's layouts (``recurrent_kernel`` and ``bias`` of its ``sLSTMCell``
-    load unchanged): ``w_i (I, 4H)``, columns gate-major (i, f, z, o), each gate's ``H``
-    columns head by head (the reference cell's input, ``concat([i, f, z, o])`` of its layer's
-    projections); ``w_h (heads, d, 4, d)``, ``[head, from, gate, to]``; ``b (heads, 4, d)``.
+    Params, in NX-AI/xlstm's layouts (its ``sLSTMCell``'s ``recurrent_kernel (heads, d, 4, d)``
+    loads as ``recurrent_kernel.reshape(H, 4, d)``, ``bias`` unchanged): ``w_i (I, 4H)``,
+    columns gate-major (i, f, z, o), each gate's ``H`` columns head by head (the reference
+    cell's input, ``concat([i, f, z, o])`` of its layer's projections); ``w_h (H, 4, d)``,
+    ``w_h[u, g, j]`` the weight from unit ``u`` of head ``u // d`` to unit ``j`` of that head's
+    gate ``g`` (so its first axis is the size of ``h``, as the other cells' ``w_h``);
+    ``b (heads, 4, d)``.
     Forget-gate biases start evenly from 3 to 6 within each head (the reference code's
     ``small_init``), the rest at zero; each ``(d, d)`` recurrent block is ``recurrent_init``-ed
     on its own. Carry: :class:`SLSTMState` ``(h, c, n, m)``. Output: ``h``. ``step`` takes
@@ -103,7 +107,7 @@ def slstm(
     >>> cell = rj.cells.slstm(8, num_heads=2)
     >>> params = cell.init(jax.random.key(0), 3)
     >>> params["w_i"].shape, params["w_h"].shape, params["b"].shape
-    ((3, 32), (2, 4, 4, 4), (2, 4, 4))
+    ((3, 32), (8, 4, 4), (2, 4, 4))
     >>> carry, y = cell.step(params, cell.initial_carry(params), jnp.ones(3))
     >>> y.shape, bool(jnp.all(carry.n == 1.0))
     ((8,), True)
@@ -115,16 +119,18 @@ def slstm(
     def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
         check_size("slstm.init", "input_size", input_size)
         ki, kh = jax.random.split(key)
-        w_h = [gate_blocks(k, recurrent_init, d, d, 4, dtype) for k in jax.random.split(kh, heads)]
+        blocks = [
+            gate_blocks(k, recurrent_init, d, d, 4, dtype) for k in jax.random.split(kh, heads)
+        ]
         b = jnp.zeros((heads, 4, d), dtype).at[:, 1].set(forget_bias_init(heads, d, dtype))
         return {
             "w_i": gate_blocks(ki, input_init, input_size, hidden_size, 4, dtype),
-            "w_h": jnp.stack(w_h).reshape(heads, d, 4, d),
+            "w_h": jnp.concatenate(blocks).reshape(hidden_size, 4, d),
             "b": b,
         }
 
     def initial_carry(params) -> SLSTMState:
-        zeros = jnp.zeros((hidden_size,), params["w_h"].dtype)
+        zeros = jnp.zeros(params["w_h"].shape[:1], params["w_h"].dtype)
         return SLSTMState(zeros, zeros, zeros, jnp.full_like(zeros, -jnp.inf))
 
     def step(params, carry: SLSTMState, x, *, recurrent_mask=None):
