@@ -1,7 +1,7 @@
 """xLSTM's sLSTM and mLSTM (Beck et al. 2024): the paper's equations written out in numpy, the
 stabiliser at large pre-activations, mLSTM's chunkwise form against its step form, the sLSTM's
-hoisted sequence against its steps, float64 finite differences, errors, and parity with the
-NX-AI ``xlstm`` package's plain PyTorch code where it is installed."""
+recurrent mask, float64 finite differences, errors, and parity with the NX-AI ``xlstm``
+package's plain PyTorch code where it is installed."""
 
 import contextlib
 import io
@@ -108,10 +108,10 @@ def test_cells_follow_the_papers_equations(forget_gate):
 
     @jax.jit
     def run(p_m, p_s, xs, carry):
-        """Each cell stepped and by its sequence path; the mLSTM from a given carry."""
+        """The mLSTM chunkwise and stepped from a given carry, the sLSTM from its own."""
         return [
             *(rj.scan(cell, p_m, xs, carry) for cell in (mlstm, mlstm._replace(sequence=None))),
-            *(rj.scan(cell, p_s, xs) for cell in (slstm, slstm._replace(sequence=None))),
+            rj.scan(slstm, p_s, xs),
         ]
 
     results = run(p_m, p_s, xs, carry)
@@ -155,14 +155,11 @@ def test_the_stabiliser_keeps_large_preactivations_finite_and_exact(forget_gate)
     xs = np.asarray(jax.random.normal(jax.random.key(4), (T, I)))
     cells = {
         "mlstm": mlstm_cells(forget_gate=forget_gate, eps=0.0, chunk_size=3),
-        "slstm": (
-            c := rj.cells.slstm(H, HEADS, forget_gate=forget_gate),
-            c._replace(sequence=None),
-        ),
+        "slstm": (rj.cells.slstm(H, HEADS, forget_gate=forget_gate),),
     }
-    for name, pair in cells.items():
+    for name, group in cells.items():
         reference = numpy_mlstm if name == "mlstm" else numpy_slstm
-        params = large_preactivations(pair[0], forget_gate)
+        params = large_preactivations(group[0], forget_gate)
         ys = reference(params, xs, HEADS, forget_gate)[0]
         assert np.isfinite(ys).all()
         # The same equations unstabilised in float32 overflow: the stabiliser is what helps.
@@ -170,7 +167,7 @@ def test_the_stabiliser_keeps_large_preactivations_finite_and_exact(forget_gate)
             assert not np.isfinite(
                 reference(params, xs, HEADS, forget_gate, dtype=np.float32)[0]
             ).all()
-        both = jax.jit(lambda p, x: [rj.scan(c, p, x)[1] for c in pair])  # noqa: B023
+        both = jax.jit(lambda p, x: [rj.scan(c, p, x)[1] for c in group])  # noqa: B023
         for got in both(params, xs):
             assert np.isfinite(got).all(), name
             np.testing.assert_allclose(got, ys, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -250,27 +247,19 @@ def test_mlstm_every_chunk_size_equals_its_steps():
         close(got, want, 2e-5, 2e-6)
 
 
-def test_slstm_sequence_equals_its_steps_with_recurrent_dropout():
-    fast = rj.cells.slstm(H, HEADS)
-    steps = fast._replace(sequence=None)
-    params = perturbed_params(fast)
-    xs = jax.random.normal(jax.random.key(8), (3, T, I))
-    layer_key = jax.random.key(3)
-
-    def run(cell):
-        layer = rj.layers.rnn(cell, reverse=True, recurrent_dropout=0.5)
-
-        def loss(params, xs):
-            one = lambda x, n: layer.apply(params, x, length=n, key=layer_key)  # noqa: E731
-            final, ys = jax.vmap(one)(xs, LENGTHS)
-            return jnp.sum(jnp.sin(ys)) + jnp.sum(final.c * final.n), (final, ys)
-
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, xs)
-
-    (_, got), grads = run(fast)
-    (_, want), want_grads = run(steps)
-    close(got, want, 1e-6, 1e-6)
-    close(grads, want_grads, 1e-5, 1e-6)
+def test_slstm_recurrent_mask_meets_h_where_it_meets_the_recurrent_weights():
+    cell = rj.cells.slstm(H, HEADS)
+    params = perturbed_params(cell)
+    xs = jax.random.normal(jax.random.key(8), (T, I))
+    keep = jnp.array([1.0, 0.0, 1.0, 0.0])
+    no_r = {**params, "w_h": params["w_h"] * keep[:, None, None]}
+    masked = cell._replace(step=lambda p, c, x: cell.step(p, c, x, recurrent_mask=keep))
+    run = jax.jit(lambda: [rj.scan(masked, params, xs)[1], rj.scan(cell, no_r, xs)[1]])
+    got, want = run()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    layer = rj.layers.rnn(cell, recurrent_dropout=0.5)  # sizes its mask by w_h's first axis
+    _, ys = jax.jit(layer.apply)(params, xs, key=jax.random.key(0))
+    assert ys.shape == (T, H) and np.isfinite(ys).all()
 
 
 def stored_by_bptt(cell, remat):
@@ -306,9 +295,6 @@ def test_gradients_pass_check_grads_float64(name):
             carry = carry._replace(n=jnp.abs(carry.n) + 0.5)  # a normaliser is positive
         mask, reset = jnp.asarray(MASKS[0]), jnp.asarray(RESETS[1])
 
-        # The sequence paths (the sLSTM's takes no reset; its steps equal it, tested above).
-        reset = reset if name == "mlstm" else None
-
         def loss(params, xs, carry):
             last, ys = rj.scan(cell, params, xs, carry, mask=mask, reset=reset, reverse=True)
             return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(leaf)) for leaf in last)
@@ -338,11 +324,10 @@ def test_errors_say_what_to_fix():
             ValueError, match=rf"{name}.step expects x of shape \(3,\), got \(2, 3\)"
         ):
             cell.step(params, cell.initial_carry(params), jnp.ones((2, 3)))
-        with pytest.raises(
-            ValueError,
-            match=rf"{name}.sequence expects xs of shape \(T, 3\), go"
-            r"t \(5, 2\)",
-        ):
+        where = "mlstm.sequence expects xs of shape \\(T, 3\\), got \\(5, 2\\)"
+        if name == "slstm":  # stepped
+            where = "slstm.step expects x of shape \\(3,\\), got \\(2,\\): the params were made for"
+        with pytest.raises(ValueError, match=where):
             rj.scan(cell, params, jnp.ones((5, 2)))
     with pytest.raises(ValueError, match="chunk_size to be a positive int, got 0"):
         rj.cells.mlstm(4, chunk_size=0)
@@ -405,8 +390,7 @@ def test_slstm_equals_the_xlstm_packages_vanilla_cell():
     with torch.no_grad():
         out, state = module(torch.tensor(xs @ np.asarray(params["w_i"]))[None])
     want = out[0].numpy().transpose(1, 0, 2).reshape(T, H)  # (heads, T, d) -> (T, H)
-    both = jax.jit(lambda p, x: [rj.scan(c, p, x) for c in (cell, cell._replace(sequence=None))])
-    for final, ys in both(params, xs):
-        np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)
-        for got, ref in zip(final, state[:, 0].numpy(), strict=True):  # (h, c, n, m)
-            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    final, ys = jax.jit(lambda p, x: rj.scan(cell, p, x))(params, xs)
+    np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(final, state[:, 0].numpy(), strict=True):  # (h, c, n, m)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from rnnjax.cells._common import (
     Initializer,
@@ -92,8 +91,10 @@ def slstm(
     on its own. Carry: :class:`SLSTMState` ``(h, c, n, m)``. Output: ``h``. ``step`` takes
     ``recurrent_mask= (H,)`` (recurrent dropout), multiplied into ``h_{t-1}`` where it meets R.
 
-    Not parallel over time (``R h_{t-1}`` sits inside the gates), so a whole sequence is a
-    ``lax.scan``; ``rnnjax.scan`` computes ``x_t W`` for all steps in one matmul first.
+    Not parallel over time (``R h_{t-1}`` sits inside the gates): a whole sequence is the
+    ``lax.scan`` of ``step``. (A ``sequence`` computing ``x_t W`` for all steps in one matmul
+    before the loop measured 1.2x slower than the step scan on CPU, forward and backward, at
+    B=16, T=512, I=H=256, four heads.)
 
     Args:
       hidden_size: H.
@@ -138,25 +139,4 @@ def slstm(
         with jax.named_scope("slstm"):
             return _recurrence(params, carry, x @ params["w_i"], forget_gate, recurrent_mask)
 
-    def sequence(params, xs, carry, real, *, reverse, unroll, recurrent_mask=None):
-        size = params["w_i"].shape[0]
-        if xs.ndim != 2 or xs.shape[1] != size:
-            raise ValueError(
-                f"slstm.sequence expects xs of shape (T, {size}), got {tuple(xs.shape)}: one "
-                "example per call (vmap over the batch axis), input_size as at init"
-            )
-        real = jnp.ones(xs.shape[:1], bool) if real is None else real
-        with jax.named_scope("slstm"):
-            # Padding reaches neither a value nor a derivative (as in rnnjax.scan's steps).
-            wx = jnp.where(real[:, None], xs, jnp.zeros_like(xs)) @ params["w_i"]
-
-            def body(carry, inputs):
-                wx_t, real_t = inputs
-                given = jax.tree.map(lambda a: jnp.where(real_t, a, jnp.zeros_like(a)), carry)
-                new, y = _recurrence(params, given, wx_t, forget_gate, recurrent_mask)
-                carry = jax.tree.map(lambda a, b: jnp.where(real_t, a, b), new, carry)
-                return carry, jnp.where(real_t, y, jnp.zeros_like(y))
-
-            return lax.scan(body, carry, (wx, real), reverse=reverse, unroll=unroll)
-
-    return Cell(init, initial_carry, step, sequence)
+    return Cell(init, initial_carry, step)
