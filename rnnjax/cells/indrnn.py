@@ -49,6 +49,8 @@ def indrnn(
     of ``step`` (``cell._replace(sequence=None)``) with masks, ``reverse``, ``reset``,
     ``remat`` (which stores that projection and the carries the mode keeps) and
     ``recurrent_mask``, which multiplies ``h`` where it meets ``u`` (recurrent dropout).
+    Measured on 2 CPU cores (fwd+bwd, T=2048, I=H=256): 5x faster than the step scan for one
+    sequence; on a par at a batch of 16, where the step's matmul is already a batched one.
 
     Args:
       hidden_size: H.
