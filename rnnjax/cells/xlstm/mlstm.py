@@ -87,7 +87,10 @@ def mlstm(
     Whole sequences (``rnnjax.scan``) run the chunkwise-parallel form
     (``rnnjax.cells.xlstm._chunkwise``): chunks of ``chunk_size`` steps in parallel (an
     ``L x L`` decay-weighted attention each), the memory carried between chunks; equal to
-    stepping, with masks, ``reverse``, ``reset`` and ``remat``.
+    stepping, with masks, ``reverse``, ``reset`` and a given carry. Under ``remat`` BPTT keeps
+    the carry once per group of chunks (one chunk for ``True``, ``k // chunk_size`` for an int
+    ``k``, ``round(sqrt(T)) // chunk_size`` for ``"sqrt"``, at least one) and recomputes the
+    group in the backward pass; ``unroll`` has no effect there.
 
     Args:
       hidden_size: H, the size of the output and of all heads together.
