@@ -12,6 +12,7 @@ import pytest
 
 import rnnjax.bench as bench
 from rnnjax import cli
+from rnnjax._native import linear as native_linear
 
 peers_module = importlib.import_module("rnnjax.bench.peers")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -267,3 +268,39 @@ def test_python_api_rejects_bad_arguments():
         bench.peers(peers=("mxnet",))
     with pytest.raises(ValueError, match=r"each shape must be 4 positive ints \(B, T, I, H\)"):
         bench.peers(shapes=((1, 2, 3),))
+
+
+def test_cli_linear_times_each_backend_beside_the_bandwidth_bound(tmp_path, capsys):
+    argv = ["bench", "linear", "--lengths", "8,4", "--width", "16", "--backends", "native,chunked",
+            "--repeats", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "linear.json").read_text())
+    check_document(result, "linear")
+    assert result["command"].startswith("rnnjax bench linear --lengths=8,4 --width=16")
+    assert result["config"]["backends"] == ["sequential", "native", "chunked"]
+    assert "12 bytes per float32 element" in result["methodology"]["bound"]
+    rows = result["results"]
+    names = ("sequential", "native", "chunked")
+    streams = ("stream", "stream-fresh")
+    expected = [(T, c, m) for T in (4, 8) for c in (*names, *streams) for m in MODES]
+    assert [(r["T"], r["candidate"], r["mode"]) for r in rows] == [
+        key for key in expected if key[1] not in streams or key[2] == "fwd"
+    ]
+    by_t = {r["T"]: r for r in rows if r["candidate"] == "stream"}
+    for row in rows:
+        if row["candidate"] == "native" and not native_linear.available():
+            assert row["status"] == "unavailable" and "unavailable" in row["error"]
+            continue
+        check_ok(row)
+        if row["candidate"] in streams:
+            assert row["bytes"] == 12 * 2**24 and "vs_bound" not in row
+            assert row["bandwidth_bytes_per_s"] == pytest.approx(row["bytes"] / row["time_s"])
+            continue
+        bandwidth = by_t[row["T"]]["bandwidth_bytes_per_s"]
+        assert row["bandwidth_bytes_per_s"] == pytest.approx(bandwidth)
+        per_element = 12 if row["mode"] == "fwd" else 32
+        assert row["bytes"] == per_element * row["T"] * 16
+        assert row["vs_bound"] == pytest.approx(row["time_s"] * bandwidth / row["bytes"])
+    out = capsys.readouterr().out
+    assert "T=8 chunked" in out and "bound = bytes / bandwidth" in out
+    assert (tmp_path / "linear.png").read_bytes()[:8] == PNG

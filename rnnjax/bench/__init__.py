@@ -1,4 +1,5 @@
-"""Benchmarks: ``lax.scan`` vs unrolled loops, rnnjax vs its peers, and BPTT memory.
+"""Benchmarks: ``lax.scan`` vs unrolled loops, rnnjax vs its peers, BPTT memory, and the
+backends of :func:`rnnjax.linear_scan` against the memory-bandwidth bound (``linear``).
 
 Run them with ``rnnjax bench SUITE`` or from Python; every result records the machine
 (:func:`machine_info`), the config and the command, and is written as JSON with a PNG plot.
@@ -7,7 +8,7 @@ before each sample) is in :mod:`rnnjax.bench._harness`.
 
 Every suite returns (and ``rnnjax bench`` writes as ``OUT/SUITE.json``) one JSON object::
 
-    suite        "scan-vs-unroll" | "peers" | "memory"
+    suite        "scan-vs-unroll" | "peers" | "memory" | "linear"
     schema       1
     command      the command line (CLI) or Python call that made it
     config       every parameter, defaults included
@@ -32,12 +33,24 @@ A row of scan-vs-unroll or peers: the group's fields (``cell``, ``T``; peers: ``
 - ``"timed out"``: ``compile_timeout_s`` and ``reason``;
 - ``"error"``, ``"unavailable"``, ``"not installed"``: ``error``.
 
-Note: ``rnnjax.bench.peers`` and ``rnnjax.bench.scan_vs_unroll`` are the functions; import the
-modules with ``importlib.import_module("rnnjax.bench.peers")``.
+A row of linear adds ``width``, ``bytes`` (moved by the pass), ``bandwidth_bytes_per_s``,
+``bound_s`` and ``vs_bound`` (:mod:`rnnjax.bench.linear` has the arithmetic).
+
+Note: ``rnnjax.bench.peers``, ``rnnjax.bench.linear`` and ``rnnjax.bench.scan_vs_unroll`` are
+the functions; import the modules with ``importlib.import_module("rnnjax.bench.peers")``.
 """
 
 from rnnjax.bench._machine import machine_info
+from rnnjax.bench.linear import linear, plot_linear
 from rnnjax.bench.peers import peers, plot_peers
 from rnnjax.bench.scan_vs_unroll import plot_scan_vs_unroll, scan_vs_unroll
 
-__all__ = ["machine_info", "peers", "plot_peers", "plot_scan_vs_unroll", "scan_vs_unroll"]
+__all__ = [
+    "linear",
+    "machine_info",
+    "peers",
+    "plot_linear",
+    "plot_peers",
+    "plot_scan_vs_unroll",
+    "scan_vs_unroll",
+]

@@ -30,6 +30,7 @@ OUT/SUITE.png, and prints a table.
   rnnjax bench scan-vs-unroll      lax.scan with unroll 1..16 and True vs a Python loop
   rnnjax bench peers               rnnjax vs Flax linen/nnx, Equinox, PyTorch
   rnnjax bench memory              BPTT peak memory vs T: plain scan, per-step and sqrt remat
+  rnnjax bench linear              linear_scan's backends vs T, beside the bandwidth bound
 """
 
 
@@ -41,7 +42,7 @@ def add_parser(sub) -> None:
     peers = importlib.import_module("rnnjax.bench.peers")
     fmt = argparse.RawDescriptionHelpFormatter
     bench = sub.add_parser(
-        "bench", help="benchmarks: scan vs unroll, rnnjax vs peers, BPTT memory",
+        "bench", help="benchmarks: scan vs unroll, rnnjax vs peers, BPTT memory, linear_scan",
         description=DESCRIPTION, formatter_class=fmt,
     )  # fmt: skip
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
@@ -169,6 +170,39 @@ def add_parser(sub) -> None:
     )
     common(p)
 
+    linear = importlib.import_module("rnnjax.bench.linear")
+    p = suites.add_parser(
+        "linear",
+        help="linear_scan's backends vs T, forward and fwd+bwd, beside the bandwidth bound",
+        description="Per T: rnnjax.linear_scan over (T, width) float32 arrays in each mode, "
+        "forward and jax.grad of sum(h * w) w.r.t. a and b, timed interleaved with np.add over "
+        "arrays beyond the last-level cache (the bandwidth). Each time is shown beside its "
+        "bound: bytes moved (12 per element forward, 32 forward+backward) / that bandwidth.",
+    )  # fmt: skip
+    p.add_argument(
+        "--lengths",
+        type=_int_list,
+        default=linear.LENGTHS,
+        help="sequence lengths T (default: 256,1024,4096,16384,65536)",
+    )
+    p.add_argument("--width", type=number(int, 1), default=1024, help="N (default: 1024)")
+    p.add_argument(
+        "--backends",
+        type=_names(linear.BACKENDS),
+        default=linear.BACKENDS,
+        help=f"comma-separated, from {','.join(linear.BACKENDS)} (default: all)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=number(int, 1),
+        default=5,
+        help="interleaved timing rounds; the median is reported (default: 5)",
+    )
+    p.add_argument("--compile-timeout", type=number(float, 0.0, inclusive=False),
+                   default=120.0, metavar="SECONDS",
+                   help="limit on one candidate's trace + compile (default: 120)")  # fmt: skip
+    common(p)
+
 
 def _items(text: str) -> list[str]:
     return [item.strip() for item in text.split(",")]
@@ -285,6 +319,14 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
             compile_timeout=args.compile_timeout, **timing,
         )  # fmt: skip
         plot, text = plot_peers, format_table
+    elif args.suite == "linear":
+        from rnnjax.bench.linear import format_table, linear, plot_linear
+
+        result = linear(
+            lengths=args.lengths, width=args.width, backends=args.backends,
+            compile_timeout=args.compile_timeout, **timing,
+        )  # fmt: skip
+        plot, text = plot_linear, format_table
     else:
         try:
             from rnnjax.bench.memory import memory, plot_memory
