@@ -135,30 +135,37 @@ def test_every_mode_equals_the_scan_in_values_and_gradients(case):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_vmap_and_jit_equal_the_scan_per_example(mode):
-    """vmap over a batch of (T, D) examples; `a` shared by the batch (in_axes None: the kernel
-    reads it for every row) and batched; the gradient of a shared `a` sums over the batch."""
+    """vmap over batches of (T, D) examples, each of a, b and h0 batched or shared by the batch
+    (in_axes None: the kernel reads a shared operand again for every row), and two nested
+    vmaps; the gradient of a shared operand sums over its batch."""
     rng = np.random.default_rng(3)
     batch, steps, state = 3, CHUNK + 5, (2, 3)
-    a = draw(rng, (batch, steps, *state), np.float32, decay=True)
-    b = draw(rng, (batch, steps, *state), np.float32)
-    h0 = draw(rng, (batch, *state), np.float32)
-    w = draw(rng, (batch, steps, *state), np.float32)
+    a = draw(rng, (2, batch, steps, *state), np.float32, decay=True)
+    b = draw(rng, (2, batch, steps, *state), np.float32)
+    h0 = draw(rng, (2, batch, *state), np.float32)
+    w = draw(rng, (2, batch, steps, *state), np.float32)
 
-    def batched_loss(run, a_axis):
+    def batched_loss(run, axes, nested):
         def loss(a, b, h0):
-            h = jax.vmap(run, in_axes=(a_axis, 0, 0))(a, b, h0)
-            return _loss(h, w), h
+            inner = jax.vmap(run, in_axes=axes)
+            h = jax.vmap(inner, in_axes=axes)(a, b, h0) if nested else inner(a, b, h0)
+            return _loss(h, w if nested else w[0]), h
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
 
     scan = lambda a, b, h0: reference(a, b, h0, jnp.zeros(steps, bool), True)  # noqa: E731
     ours = lambda a, b, h0: rj.linear_scan(a, b, h0, reverse=True, mode=mode)  # noqa: E731
-    for a_in, a_axis in ((a, 0), (a[0], None)):
-        want_grads, want_h = batched_loss(scan, a_axis)(a_in, b, h0)
-        grads, h = batched_loss(ours, a_axis)(a_in, b, h0)
+    cases = [((None, 0, None), False), ((0, None, 0), False), ((0, 0, None), True)]
+    for axes, nested in cases:
+        args = [x if nested else x[0] for x in (a, b, h0)]
+        args = [
+            x if axis == 0 else x[(0,) * (1 + nested)] for x, axis in zip(args, axes, strict=True)
+        ]
+        want_grads, want_h = batched_loss(scan, axes, nested)(*args)
+        grads, h = batched_loss(ours, axes, nested)(*args)
         assert_close(h, want_h)
         for got, want in zip(grads, want_grads, strict=True):
-            assert got.shape == want.shape
+            assert got.shape == want.shape, (axes, nested)
             assert_close(got, want, scale=float(jnp.max(jnp.abs(want))))
 
 
