@@ -176,12 +176,11 @@ def test_the_stabiliser_keeps_large_preactivations_finite_and_exact(forget_gate)
 # Each mode: (mask, reset, length) of one example -> rnnjax.scan keyword arguments.
 MODES = {
     "reset_mask": lambda m, r, n: {"reset": r, "mask": m},
-    "reverse_length": lambda m, r, n: {"reverse": True, "length": n},
-    "remat4_reverse_reset_mask": lambda m, r, n: {
+    "remat4_reverse_reset_length": lambda m, r, n: {
         "remat": 4,
         "reverse": True,
         "reset": r,
-        "mask": m,
+        "length": n,
     },
 }
 
@@ -260,6 +259,21 @@ def test_slstm_recurrent_mask_meets_h_where_it_meets_the_recurrent_weights():
     layer = rj.layers.rnn(cell, recurrent_dropout=0.5)  # sizes its mask by w_h's first axis
     _, ys = jax.jit(layer.apply)(params, xs, key=jax.random.key(0))
     assert ys.shape == (T, H) and np.isfinite(ys).all()
+
+
+def test_mlstm_a_non_finite_carry_stops_at_a_reset():
+    fast, steps = mlstm_cells(chunk_size=4)
+    params = perturbed_params(fast)
+    xs = jax.random.normal(jax.random.key(8), (T, I))
+    nan = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), fast.initial_carry(params))
+    reset = jnp.arange(T) == 2  # mid-chunk
+
+    run = jax.jit(lambda p, x, c: [rj.scan(cell, p, x, c, reset=reset) for cell in (fast, steps)])
+    got, want = run(params, xs, nan)
+    assert np.isnan(got[1][:2]).all() and np.isnan(want[1][:2]).all()
+    close(got[0], want[0], 2e-5, 2e-6)
+    close(got[1][2:], want[1][2:], 2e-5, 2e-6)
+    assert np.isfinite(got[1][2:]).all()
 
 
 def stored_by_bptt(cell, remat):

@@ -14,9 +14,18 @@ gives every chunk position ``j`` in closed form:
 and the chunk's last row is the carry for the next chunk. A reset at position ``r`` (the carry
 restarts from zeros with ``m = 0`` just before step ``r``) replaces ``g_j`` for ``j >= r`` by
 ``F_j - F_{r-1}`` with nothing carried; a padded step has ``i~ = -inf`` and ``log f = 0``, so it
-adds nothing and keeps the carry. ``reverse`` runs the flipped sequence. Chunks run one after
-another (``lax.scan``); under ``remat`` each group of chunks is recomputed in the backward pass,
-so BPTT stores the carry once per group.
+adds nothing and keeps the carry. ``reverse`` runs the flipped sequence.
+
+Special values: padding never matters, and a NaN or inf carry reaches no value past a reset,
+as in the step form. What differs lies inside one chunk: a non-finite input at a real step
+reaches the later rows' values past a reset (``0 * nan`` in the sums over ``s``), and a row
+made non-finite (by its input or by the carry) reaches the derivatives for the chunk's other
+steps and the weights (``0 * nan`` in the transposed sums), where stepping, which restarts at
+a reset and hands a padded step a zero carry, keeps them finite. Such a row's own output is
+non-finite in both forms, so a loss over the outputs is too.
+
+Chunks run one after another (``lax.scan``); under ``remat`` each group of chunks is recomputed
+in the backward pass, so BPTT stores the carry once per group.
 """
 
 from __future__ import annotations
@@ -46,11 +55,17 @@ def _chunk(q, k, v, log_i, log_f, reset, c, n, m, eps):
     w = jnp.exp(log_d - m_j[:, None])
     # exp of -inf, not a where after the exp: the where's zero cotangent would meet inf there.
     carried = jnp.exp(jnp.where(fresh, -jnp.inf, big_f + m - m_j))
-    s = (q @ k.T) * w
-    num = s @ v + carried[:, None] * (q @ c)
-    den = jnp.maximum(jnp.abs(s.sum(1) + carried * (q @ n)), jnp.exp(-m_j)) + eps
-    c_new = carried[-1] * c + (k * w[-1][:, None]).T @ v
-    n_new = carried[-1] * n + w[-1] @ k
+    # Past a reset the carry is gone, as in the step form: wheres on both sides of each
+    # product keep a NaN or inf carry out of those rows' values.
+    q_old = jnp.where(fresh[:, None], 0, q)
+    from_c = jnp.where(fresh[:, None], 0, carried[:, None] * (q_old @ c))
+    from_n = jnp.where(fresh, 0, carried * (q_old @ n))
+    # The where (not just w = 0 there) keeps a non-finite row's cotangent off the other pairs.
+    s = jnp.where(valid, (q @ k.T) * w, 0)
+    num = s @ v + from_c
+    den = jnp.maximum(jnp.abs(s.sum(1) + from_n), jnp.exp(-m_j)) + eps
+    c_new = jnp.where(fresh[-1], 0, carried[-1] * c) + (k * w[-1][:, None]).T @ v
+    n_new = jnp.where(fresh[-1], 0, carried[-1] * n) + w[-1] @ k
     return num / den[:, None], c_new, n_new, m_j[-1]
 
 
@@ -129,5 +144,7 @@ def run(params, xs, carry, real, reset, *, project, state, eps, chunk_size, reve
 
         carry, h = lax.scan(segment, carry, grouped)
     h = h.reshape(total, -1)[:steps]
-    ys = jnp.where(real[:, None], o * h, jnp.zeros_like(o))
+    # h is zeroed before the product too: a padded row's h (a non-finite carry's) must not
+    # meet the output gate's derivative.
+    ys = o * jnp.where(real[:, None], h, jnp.zeros_like(h))
     return carry, ys[::-1] if reverse else ys
