@@ -97,7 +97,9 @@ def rnn(
         if p_in and key is not None:
             xs = xs * _dropout(jnp.ones(np.shape(xs)[1:], xs.dtype), p_in, k_in)
         if p_rec and key is not None:
-            mask = _dropout(jnp.ones(params["w_h"].shape[:1], params["w_h"].dtype), p_rec, k_rec)
+            # One flag per unit of h (the carry's hidden state), whatever the weights' layout.
+            h = jax.eval_shape(lambda: _hidden(cell.initial_carry(params)))
+            mask = _dropout(jnp.ones(h.shape, h.dtype), p_rec, k_rec)
             step = functools.partial(step, recurrent_mask=mask)
             if sequence is not None:
                 sequence = functools.partial(sequence, recurrent_mask=mask)

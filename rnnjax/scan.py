@@ -218,7 +218,10 @@ def _scan_segments(step, carry, inputs, steps: int, k: int, reverse: bool, unrol
         pick = lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
         x, r, z = jax.tree.map(pick, (xs, real, reset))
         if padded:
+            # Past T: not real, and no reset (a reset flag read again from step T - 1 would
+            # empty the final carry).
             r = t < steps if r is None else r & (t < steps)
+            z = None if z is None else z & (t < steps)
         return x, r, z
 
     # Inside a scan the recomputation cannot be merged with the forward pass, so the CSE

@@ -154,3 +154,17 @@ def test_errors():
     params = cell.init(jax.random.key(0), I)
     with pytest.raises(ValueError, match=r"indrnn.step expects x of shape \(3,\)"):
         cell.step(params, cell.initial_carry(params), jnp.ones((2, I)))
+
+
+def test_recurrent_dropout_through_the_layer():
+    """rnn(recurrent_dropout=) sizes its mask by the carry's h (IndRNN has no w_h): the mask
+    changes the outputs, the same key gives the same outputs, and no key means no dropout."""
+    layer = rj.layers.rnn(rj.cells.indrnn(4), recurrent_dropout=0.5)
+    params = layer.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (5, 3))
+    plain = rj.scan(rj.cells.indrnn(4), params, xs)[1]
+    dropped = layer.apply(params, xs, key=jax.random.key(2))[1]
+    again = layer.apply(params, xs, key=jax.random.key(2))[1]
+    np.testing.assert_array_equal(dropped, again)
+    np.testing.assert_allclose(layer.apply(params, xs)[1], plain, rtol=1e-6)
+    assert not np.allclose(dropped, plain)

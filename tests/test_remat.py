@@ -33,7 +33,13 @@ CASES = (
 B = 3
 LENGTHS = np.array([T, 4, 0])
 MASKS = np.stack([MASK, ~MASK, np.ones(T, bool)])
-RESETS = np.stack([np.eye(T, dtype=bool)[2], np.zeros(T, bool), np.eye(T, dtype=bool)[4]])
+RESETS = np.stack(
+    [
+        np.eye(T, dtype=bool)[2],
+        np.zeros(T, bool),
+        np.eye(T, dtype=bool)[4] | np.eye(T, dtype=bool)[T - 1],
+    ]
+)
 
 # Each mode: the keywords of one example's scan, from its row of the batched flags above.
 MODES = {
