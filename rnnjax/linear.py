@@ -39,38 +39,58 @@ from jax import lax
 from rnnjax._native import linear as native_linear
 from rnnjax.core import check_option
 
-# Backends: (a, b, h0, reverse) -> h, over flattened (T, N) arrays of one dtype, T >= 1.
-Backend = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
+# Backends: (a, b, h0, reverse, reset) -> h, over flattened (T, N) arrays of one dtype, T >= 1;
+# reset is None or (T,) bool: there h_t = b_t, whatever h_{t-1} holds (a zero a_t would not do:
+# 0 * NaN is NaN, and a NaN carry would cross into the next sequence of a packed stream).
+Backend = Callable[[jax.Array, jax.Array, jax.Array, bool, "jax.Array | None"], jax.Array]
 
 CHUNK = 64
 
 
-def _sequential(a, b, h0, reverse):
-    def step(h, ab):
-        h = ab[0] * h + ab[1]
+def _sequential(a, b, h0, reverse, reset=None):
+    if reset is None:
+
+        def step(h, ab):
+            h = ab[0] * h + ab[1]
+            return h, h
+
+        return lax.scan(step, h0, (a, b), reverse=reverse)[1]
+
+    def step_reset(h, abr):
+        a_t, b_t, r_t = abr
+        h = jnp.where(r_t, b_t, a_t * h + b_t)
         return h, h
 
-    return lax.scan(step, h0, (a, b), reverse=reverse)[1]
+    return lax.scan(step_reset, h0, (a, b, reset), reverse=reverse)[1]
 
 
 def _combine(left, right):
-    """The associative operator: apply ``left`` then ``right`` (h -> a h + b composed)."""
-    a1, b1 = left
-    a2, b2 = right
-    return a1 * a2, a2 * b1 + b2
+    """The associative operator: apply ``left`` then ``right`` (h -> a h + b composed); a
+    reset in ``right`` forgets ``left``."""
+    a1, b1, r1 = left
+    a2, b2, r2 = right
+    return (
+        jnp.where(r2, a2, a1 * a2),
+        jnp.where(r2, b2, a2 * b1 + b2),
+        r1 | r2,
+    )
 
 
-def _associative(a, b, h0, reverse):
+def _associative(a, b, h0, reverse, reset=None):
     # Fold the starting carry into the first step's offset: h_first = a_first * h0 + b_first.
     first = -1 if reverse else 0
-    b = b.at[first].add(a[first] * h0)
-    return lax.associative_scan(_combine, (a, b), reverse=reverse)[1]
+    r = jnp.zeros((a.shape[0], 1), bool) if reset is None else reset[:, None]
+    b = b.at[first].add(jnp.where(r[first], 0, a[first] * h0))
+    r = jnp.broadcast_to(r, a.shape)
+    return lax.associative_scan(_combine, (a, b, r), reverse=reverse)[1]
 
 
-def _chunked(a, b, h0, reverse, chunk: int = CHUNK):
+def _chunked(a, b, h0, reverse, reset=None, chunk: int = CHUNK):
     steps, n = a.shape
     if reverse:
-        return _chunked(a[::-1], b[::-1], h0, False, chunk)[::-1]
+        flip = None if reset is None else reset[::-1]
+        return _chunked(a[::-1], b[::-1], h0, False, flip, chunk)[::-1]
+    r = jnp.zeros(steps, bool) if reset is None else reset
     k = min(chunk, steps)
     blocks = -(-steps // k)
     pad = blocks * k - steps
@@ -78,40 +98,52 @@ def _chunked(a, b, h0, reverse, chunk: int = CHUNK):
         # Past the end: h -> 1 * h + 0, which keeps the carry and is never read.
         a = jnp.concatenate([a, jnp.ones((pad, n), a.dtype)])
         b = jnp.concatenate([b, jnp.zeros((pad, n), b.dtype)])
+        r = jnp.concatenate([r, jnp.zeros(pad, bool)])
     # (k, blocks, n): position inside a block first, so the inner scan runs every block at once.
     a_k = a.reshape(blocks, k, n).transpose(1, 0, 2)
     b_k = b.reshape(blocks, k, n).transpose(1, 0, 2)
+    r_k = r.reshape(blocks, k).T[..., None]
 
-    def inner(carry, ab):
-        prod, h = carry
-        a_t, b_t = ab
-        prod, h = prod * a_t, a_t * h + b_t
-        return (prod, h), (prod, h)
+    def inner(carry, abr):
+        prod, h, seen = carry
+        a_t, b_t, r_t = abr
+        # After a reset inside the block the entering carry no longer counts (seen).
+        prod = jnp.where(r_t, jnp.zeros_like(prod), prod * a_t)
+        h = jnp.where(r_t, b_t, a_t * h + b_t)
+        seen = seen | r_t
+        return (prod, h, seen), (prod, h, seen)
 
-    start = (jnp.ones((blocks, n), a.dtype), jnp.zeros((blocks, n), b.dtype))
-    (prod_end, h_end), (prod, local) = lax.scan(inner, start, (a_k, b_k))
+    start = (
+        jnp.ones((blocks, n), a.dtype),
+        jnp.zeros((blocks, n), b.dtype),
+        jnp.zeros((blocks, 1), bool),
+    )
+    (prod_end, h_end, seen_end), (prod, local, seen) = lax.scan(inner, start, (a_k, b_k, r_k))
 
     # The carry entering each block: a short sequential scan over the blocks' ends.
     def across(h, ends):
-        p, e = ends
-        return p * h + e, h
+        p, e, s = ends
+        return jnp.where(s, e, p * h + e), h
 
-    _, entering = lax.scan(across, h0, (prod_end, h_end))
-    h = local + prod * entering[None]
+    _, entering = lax.scan(across, h0, (prod_end, h_end, seen_end))
+    h = jnp.where(seen, local, local + prod * entering[None])
     return h.transpose(1, 0, 2).reshape(blocks * k, n)[:steps]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _native(a, b, h0, reverse):
-    return native_linear.forward(a, b, h0, reverse=reverse)
+def _native(a, b, h0, reverse, reset=None):
+    return native_linear.forward(a, b, h0, reset, reverse=reverse)
 
 
 @_native.defjvp
 def _native_jvp(reverse, primals, tangents):
     # Only reached by second derivatives (first ones take the custom VJP): the kernel's values,
     # with the tangents of the sequential backend, which JAX can transpose.
-    tangent = jax.jvp(lambda a, b, h0: _sequential(a, b, h0, reverse), primals, tangents)[1]
-    return _native(*primals, reverse), tangent
+    a, b, h0, reset = primals
+    tangent = jax.jvp(
+        lambda a, b, h0: _sequential(a, b, h0, reverse, reset), (a, b, h0), tangents[:3]
+    )[1]
+    return _native(a, b, h0, reverse, reset), tangent
 
 
 BACKENDS: dict[str, Backend] = {
@@ -153,13 +185,13 @@ def resolve_mode(mode: str, steps: int, width: int, dtype) -> str:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _recurrence(a, b, h0, reverse, mode):
-    return BACKENDS[mode](a, b, h0, reverse)
+def _recurrence(a, b, h0, reverse, mode, reset):
+    return BACKENDS[mode](a, b, h0, reverse, reset)
 
 
-def _recurrence_fwd(a, b, h0, reverse, mode):
-    h = BACKENDS[mode](a, b, h0, reverse)
-    return h, (a, h0, h)
+def _recurrence_fwd(a, b, h0, reverse, mode, reset):
+    h = BACKENDS[mode](a, b, h0, reverse, reset)
+    return h, (a, h0, h, reset)
 
 
 def _shift(x, fill, reverse):
@@ -170,35 +202,44 @@ def _shift(x, fill, reverse):
     return jnp.concatenate([fill[None], x[:-1]])
 
 
-def _backward(a, h0, h, g, reverse, mode):
+def _backward(a, h0, h, g, reset, reverse, mode):
     """The cotangents of ``(a, b, h0)`` from those of ``h``, on the backend ``mode``."""
     zero = jnp.zeros_like(h0)
-    # lambda_t = g_t + a_{t+1} lambda_{t+1}: the recurrence in the other direction, with the a
-    # of the step that reads h_t.
-    a_next = _shift(a, zero, not reverse)
-    lam = BACKENDS[mode](a_next, g, zero, not reverse)
-    h_prev = _shift(h, h0, reverse)
     first = -1 if reverse else 0
-    return lam * h_prev, lam, a[first] * lam[first]
+    # lambda_t = g_t + a_{t+1} lambda_{t+1}: the recurrence in the other direction, with the a
+    # of the step that reads h_t; nothing crosses a reset (that step did not read h_t).
+    a_next = _shift(a, zero, not reverse)
+    reset_next = None if reset is None else _shift(reset, jnp.array(False), not reverse)
+    lam = BACKENDS[mode](a_next, g, zero, not reverse, reset_next)
+    da = lam * _shift(h, h0, reverse)
+    dh0 = a[first] * lam[first]
+    if reset is not None:
+        da = jnp.where(reset[:, None], jnp.zeros_like(da), da)
+        dh0 = jnp.where(reset[first], zero, dh0)
+    return da, lam, dh0
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _native_backward(a, h0, h, g, reverse):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _native_backward(a, h0, h, g, reset, reverse):
     # The kernel's own backward pass: one pass over a, h and g (20 bytes per float32 element).
-    return native_linear.backward(a, h0, h, g, reverse=reverse)
+    return native_linear.backward(a, h0, h, g, reset, reverse=reverse)
 
 
 @_native_backward.defjvp
 def _native_backward_jvp(reverse, primals, tangents):
-    backward = lambda *args: _backward(*args, reverse, "sequential")  # noqa: E731
-    return _native_backward(*primals, reverse), jax.jvp(backward, primals, tangents)[1]
+    a, h0, h, g, reset = primals
+    backward = lambda a, h0, h, g: _backward(a, h0, h, g, reset, reverse, "sequential")  # noqa: E731
+    tangent = jax.jvp(backward, (a, h0, h, g), tangents[:4])[1]
+    return _native_backward(*primals, reverse), tangent
 
 
 def _recurrence_bwd(reverse, mode, res, g):
-    a, h0, h = res
+    a, h0, h, reset = res
     if mode == "native":
-        return _native_backward(a, h0, h, g, reverse)
-    return _backward(a, h0, h, g, reverse, mode)
+        da, db, dh0 = _native_backward(a, h0, h, g, reset, reverse)
+    else:
+        da, db, dh0 = _backward(a, h0, h, g, reset, reverse, mode)
+    return da, db, dh0, None
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -222,7 +263,9 @@ def linear_scan(
       reverse: run from the last step to the first (``h_t = a_t * h_{t+1} + b_t``, ``h0``
         entering at step ``T - 1``).
       reset: ``(T,)`` bool: the carry is zeroed just before step ``t`` (the starts of
-        sequences packed in one stream, as :func:`rnnjax.scan`'s ``reset=``).
+        sequences packed in one stream, as :func:`rnnjax.scan`'s ``reset=``): there
+        ``h_t = b_t`` whatever the carry held, NaN included, and no derivative crosses the
+        step (``a_t`` gets a zero gradient).
       mode: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"`` or ``"native"``
         (see the module docstring); every mode gives the same values and gradients.
 
@@ -279,10 +322,7 @@ def linear_scan(
     b = b.astype(dtype)
     h0 = h0.astype(dtype)
     if reset is not None:
-        # Zeroing the carry before step t is a_t = 0 there (and the where's derivative is zero,
-        # so a NaN a_t at a reset step reaches nothing).
-        keep = jnp.asarray(reset).reshape((steps,) + (1,) * len(state))
-        a = jnp.where(keep, jnp.zeros_like(a), a)
+        reset = jnp.asarray(reset)
     width = int(np.prod(state, dtype=np.int64))
     mode = resolve_mode(mode, steps, width, dtype)
     if mode == "native" and not native_available():
@@ -296,5 +336,5 @@ def linear_scan(
             "cast a and b, or use mode='auto'"
         )
     flat = lambda x: x.reshape(steps, width)  # noqa: E731
-    h = _recurrence(flat(a), flat(b), h0.reshape(width), bool(reverse), mode)
+    h = _recurrence(flat(a), flat(b), h0.reshape(width), bool(reverse), mode, reset)
     return h.reshape(shape)

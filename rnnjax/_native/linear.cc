@@ -2,9 +2,14 @@
 // or complex64, forward and its backward pass, as two XLA FFI handlers
 // (rnnjax/_native/linear.py registers and calls them):
 //
-//   RnnjaxLinearForward   a, b (..., T, N), h0 (..., N), attr reverse  ->  h (..., T, N)
-//   RnnjaxLinearBackward  a, h (..., T, N), h0 (..., N), g (..., T, N), attr reverse
-//                         ->  da, db (..., T, N), dh0 (..., N)
+//   RnnjaxLinearForward   a, b (..., T, N), h0 (..., N), reset (..., T), attr reverse
+//                         ->  h (..., T, N)
+//   RnnjaxLinearBackward  a, h (..., T, N), h0 (..., N), g (..., T, N), reset (..., T),
+//                         attr reverse  ->  da, db (..., T, N), dh0 (..., N)
+//
+// reset (bool) marks the steps whose carry is replaced by zero before they run: there h_t = b_t
+// whatever h_{t-1} holds (NaN and inf included, which a zero a_t would not stop: 0 * NaN is
+// NaN), and in the backward pass no cotangent crosses the step.
 //
 // The backward pass is the recurrence of the cotangents run the other way, lambda_t = g_t +
 // a_{t+1} lambda_{t+1} (a_{t-1} in reverse), with db = lambda, da_t = lambda_t h_{t-1} and dh0 =
@@ -121,6 +126,20 @@ struct Operand {
 };
 
 // The shape of a call: batch dimensions, B rows in all, T steps of N floats (2 per complex).
+// The reset flags of one batch row: (T,) bytes, or none.
+struct Flags {
+  const uint8_t* data = nullptr;
+  std::vector<int64_t> stride;  // bytes per batch index, per output batch dimension (0: bcast)
+  const uint8_t* row(const std::vector<int64_t>& shape, int64_t flat) const {
+    int64_t at = 0;
+    for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+      at += (flat % shape[d]) * stride[d];
+      flat /= shape[d];
+    }
+    return data + at;
+  }
+};
+
 struct Shape {
   std::vector<int64_t> batch;
   int64_t B = 1, T = 0, N = 0;
@@ -155,6 +174,25 @@ ffi::Error Bind(const ffi::AnyBuffer& x, bool per_step, const Shape& s, ffi::Dat
   return ffi::Error::Success();
 }
 
+ffi::Error BindFlags(const ffi::AnyBuffer& x, const Shape& s, Flags* op) {
+  auto d = x.dimensions();
+  if (x.element_type() != ffi::PRED) return Invalid("reset must be bool");
+  if (d.size() != s.batch.size() + 1 || d[d.size() - 1] != s.T) {
+    return Invalid("reset does not match the output's shape (..., T)");
+  }
+  op->data = static_cast<const uint8_t*>(x.untyped_data());
+  op->stride.assign(s.batch.size(), 0);
+  int64_t step = s.T;
+  for (int64_t k = static_cast<int64_t>(s.batch.size()) - 1; k >= 0; --k) {
+    if (d[k] != s.batch[k] && d[k] != 1) {
+      return Invalid("reset's batch dimensions are neither the output's nor 1");
+    }
+    op->stride[k] = d[k] == 1 ? 0 : step;
+    step *= d[k];
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error ShapeOf(const ffi::AnyBuffer& h_like, ffi::DataType dtype, Shape* s) {
   auto d = h_like.dimensions();
   if (dtype != ffi::F32 && dtype != ffi::C64) return Invalid("expects float32 or complex64");
@@ -179,15 +217,21 @@ void ForEachBlock(const Shape& s, Fn fn) {
 
 template <bool kComplex>
 void Forward(const Shape& s, bool reverse, const Operand& a, const Operand& b,
-             const Operand& h0, float* h) {
+             const Operand& h0, const Flags& reset, float* h) {
   ForEachBlock(s, [&](int64_t row, int64_t begin, int64_t end) {
     const float* ar = a.data + a.row(s.batch, row) + begin;
     const float* br = b.data + b.row(s.batch, row) + begin;
     const float* prev = h0.data + h0.row(s.batch, row) + begin;
+    const uint8_t* rr = reset.row(s.batch, row);
     float* hr = h + row * s.T * s.N + begin;
     for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t at = (reverse ? s.T - 1 - step : step) * s.N;
-      Step<kComplex>(ar + at, prev, br + at, hr + at, end - begin);
+      const int64_t t = reverse ? s.T - 1 - step : step;
+      const int64_t at = t * s.N;
+      if (rr[t]) {
+        std::memcpy(hr + at, br + at, (end - begin) * sizeof(float));
+      } else {
+        Step<kComplex>(ar + at, prev, br + at, hr + at, end - begin);
+      }
       prev = hr + at;
     }
   });
@@ -195,7 +239,8 @@ void Forward(const Shape& s, bool reverse, const Operand& a, const Operand& b,
 
 template <bool kComplex>
 void Backward(const Shape& s, bool reverse, const Operand& a, const Operand& h,
-              const Operand& h0, const Operand& g, float* da, float* db, float* dh0) {
+              const Operand& h0, const Operand& g, const Flags& reset, float* da, float* db,
+              float* dh0) {
   ForEachBlock(s, [&](int64_t row, int64_t begin, int64_t end) {
     const int64_t n = end - begin;
     const float* ar = a.data + a.row(s.batch, row) + begin;
@@ -210,19 +255,30 @@ void Backward(const Shape& s, bool reverse, const Operand& a, const Operand& h,
       return;
     }
     // The forward pass ran step 0 .. T - 1 at positions pos(step); undo it from the last step.
-    auto pos = [&](int64_t step) { return (reverse ? s.T - 1 - step : step) * s.N; };
+    auto time = [&](int64_t step) { return reverse ? s.T - 1 - step : step; };
+    auto pos = [&](int64_t step) { return time(step) * s.N; };
+    const uint8_t* rr = reset.row(s.batch, row);
     const float* lam_next = nullptr;
     for (int64_t step = s.T - 1; step >= 0; --step) {
       const int64_t at = pos(step);
-      if (lam_next == nullptr) {
+      // No cotangent crosses a reset: the next step did not read h_t.
+      if (lam_next == nullptr || rr[time(step + 1)]) {
         std::memcpy(dbr + at, gr + at, n * sizeof(float));
       } else {
         Step<kComplex>(ar + pos(step + 1), lam_next, gr + at, dbr + at, n);
       }
-      Product<kComplex>(dbr + at, step > 0 ? hr + pos(step - 1) : h_first, dar + at, n);
+      if (rr[time(step)]) {
+        std::memset(dar + at, 0, n * sizeof(float));
+      } else {
+        Product<kComplex>(dbr + at, step > 0 ? hr + pos(step - 1) : h_first, dar + at, n);
+      }
       lam_next = dbr + at;
     }
-    Product<kComplex>(ar + pos(0), lam_next, dh0r, n);
+    if (rr[time(0)]) {
+      std::memset(dh0r, 0, n * sizeof(float));
+    } else {
+      Product<kComplex>(ar + pos(0), lam_next, dh0r, n);
+    }
   });
 }
 
@@ -231,8 +287,8 @@ float* Out(ffi::Result<ffi::AnyBuffer>& x) {
   return static_cast<float*>(x->untyped_data());
 }
 
-ffi::Error LinearForwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer h0, bool reverse,
-                             ffi::Result<ffi::AnyBuffer> h) {
+ffi::Error LinearForwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer h0,
+                             ffi::AnyBuffer reset, bool reverse, ffi::Result<ffi::AnyBuffer> h) {
   const ffi::DataType dtype = h->element_type();
   Shape s;
   Operand oa, ob, oh0;
@@ -240,17 +296,20 @@ ffi::Error LinearForwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer 
   if (auto e = Bind(a, true, s, dtype, "a", &oa); e.failure()) return e;
   if (auto e = Bind(b, true, s, dtype, "b", &ob); e.failure()) return e;
   if (auto e = Bind(h0, false, s, dtype, "h0", &oh0); e.failure()) return e;
+  Flags flags;
+  if (auto e = BindFlags(reset, s, &flags); e.failure()) return e;
   float* out = Out(h);
   if (dtype == ffi::C64) {
-    Forward<true>(s, reverse, oa, ob, oh0, out);
+    Forward<true>(s, reverse, oa, ob, oh0, flags, out);
   } else {
-    Forward<false>(s, reverse, oa, ob, oh0, out);
+    Forward<false>(s, reverse, oa, ob, oh0, flags, out);
   }
   return ffi::Error::Success();
 }
 
 ffi::Error LinearBackwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer h, ffi::AnyBuffer h0,
-                              ffi::AnyBuffer g, bool reverse, ffi::Result<ffi::AnyBuffer> da,
+                              ffi::AnyBuffer g, ffi::AnyBuffer reset, bool reverse,
+                              ffi::Result<ffi::AnyBuffer> da,
                               ffi::Result<ffi::AnyBuffer> db, ffi::Result<ffi::AnyBuffer> dh0) {
   const ffi::DataType dtype = da->element_type();
   Shape s;
@@ -264,11 +323,13 @@ ffi::Error LinearBackwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer h, ffi::AnyBuffer
   if (auto e = Bind(h, true, s, dtype, "h", &oh); e.failure()) return e;
   if (auto e = Bind(h0, false, s, dtype, "h0", &oh0); e.failure()) return e;
   if (auto e = Bind(g, true, s, dtype, "g", &og); e.failure()) return e;
+  Flags flags;
+  if (auto e = BindFlags(reset, s, &flags); e.failure()) return e;
   float *pa = Out(da), *pb = Out(db), *p0 = Out(dh0);
   if (dtype == ffi::C64) {
-    Backward<true>(s, reverse, oa, oh, oh0, og, pa, pb, p0);
+    Backward<true>(s, reverse, oa, oh, oh0, og, flags, pa, pb, p0);
   } else {
-    Backward<false>(s, reverse, oa, oh, oh0, og, pa, pb, p0);
+    Backward<false>(s, reverse, oa, oh, oh0, og, flags, pa, pb, p0);
   }
   return ffi::Error::Success();
 }
@@ -285,6 +346,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLinearForward, rnnjax::LinearForwardImpl,
                                   .Arg<ffi::AnyBuffer>()  // a
                                   .Arg<ffi::AnyBuffer>()  // b
                                   .Arg<ffi::AnyBuffer>()  // h0
+                                  .Arg<ffi::AnyBuffer>()  // reset
                                   .Attr<bool>("reverse")
                                   .Ret<ffi::AnyBuffer>()  // h
 );
@@ -295,6 +357,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxLinearBackward, rnnjax::LinearBackwardImpl,
                                   .Arg<ffi::AnyBuffer>()  // h
                                   .Arg<ffi::AnyBuffer>()  // h0
                                   .Arg<ffi::AnyBuffer>()  // g
+                                  .Arg<ffi::AnyBuffer>()  // reset
                                   .Attr<bool>("reverse")
                                   .Ret<ffi::AnyBuffer>()  // da
                                   .Ret<ffi::AnyBuffer>()  // db

@@ -3,8 +3,8 @@
 Two XLA FFI targets, registered with XLA by :func:`available` once the kernel library is loaded
 (:mod:`rnnjax._native`), and called through :func:`jax.ffi.ffi_call`:
 
-- ``rnnjax_linear_forward``: ``h_t = a_t * h_{t-1} + b_t`` over ``(T, N)`` arrays
-  (:func:`forward`);
+- ``rnnjax_linear_forward``: ``h_t = a_t * h_{t-1} + b_t`` over ``(T, N)`` arrays, the carry
+  replaced by zero before the steps ``reset`` (T,) flags (:func:`forward`);
 - ``rnnjax_linear_backward``: its reverse-mode derivative in one pass (:func:`backward`).
 
 Both take float32 or complex64. Under ``jax.vmap`` the calls use ffi_call's ``"expand_dims"``
@@ -71,9 +71,16 @@ def _check(name: str, *arrays: jax.Array) -> None:
         )
 
 
-def forward(a: jax.Array, b: jax.Array, h0: jax.Array, *, reverse: bool) -> jax.Array:
+def _flags(reset, steps: int) -> jax.Array:
+    return jnp.zeros(steps, bool) if reset is None else jnp.asarray(reset, bool)
+
+
+def forward(
+    a: jax.Array, b: jax.Array, h0: jax.Array, reset: jax.Array | None = None, *, reverse: bool
+) -> jax.Array:
     """``h`` (T, N) with ``h_t = a_t * h_{t-1} + b_t`` from ``a``, ``b`` (T, N) and ``h0`` (N,),
-    from the last step to the first when ``reverse``.
+    from the last step to the first when ``reverse``; where ``reset`` (T,) is True,
+    ``h_t = b_t`` whatever the carry held.
 
     >>> import jax.numpy as jnp
     >>> forward(jnp.full((3, 1), 0.5), jnp.ones((3, 1)), jnp.zeros(1), reverse=False)[:, 0]
@@ -82,16 +89,23 @@ def forward(a: jax.Array, b: jax.Array, h0: jax.Array, *, reverse: bool) -> jax.
     _check("forward", a, b, h0)
     out = jax.ShapeDtypeStruct(a.shape, a.dtype)
     call = jax.ffi.ffi_call("rnnjax_linear_forward", out, vmap_method="expand_dims")
-    return call(a, b, h0, reverse=bool(reverse))
+    return call(a, b, h0, _flags(reset, a.shape[-2]), reverse=bool(reverse))
 
 
 def backward(
-    a: jax.Array, h0: jax.Array, h: jax.Array, g: jax.Array, *, reverse: bool
+    a: jax.Array,
+    h0: jax.Array,
+    h: jax.Array,
+    g: jax.Array,
+    reset: jax.Array | None = None,
+    *,
+    reverse: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The cotangents ``(da, db, dh0)`` of :func:`forward`'s inputs from its output's
     cotangent ``g`` (T, N), given its ``a``, ``h0`` and output ``h``: ``db = lambda`` with
     ``lambda_t = g_t + a_{t+1} lambda_{t+1}`` (the steps in the other order), ``da_t = lambda_t
-    h_{t-1}`` and ``dh0 = a_first lambda_first``, in one pass over the arrays."""
+    h_{t-1}`` and ``dh0 = a_first lambda_first``, in one pass over the arrays; no cotangent
+    crosses a ``reset`` step (its ``da`` is zero, and so is ``dh0`` when it is the first)."""
     _check("backward", a, h0, h, g)
     outs = (
         jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -99,5 +113,5 @@ def backward(
         jax.ShapeDtypeStruct(h0.shape, a.dtype),
     )
     call = jax.ffi.ffi_call("rnnjax_linear_backward", outs, vmap_method="expand_dims")
-    da, db, dh0 = call(a, h, h0, g, reverse=bool(reverse))
+    da, db, dh0 = call(a, h, h0, g, _flags(reset, a.shape[-2]), reverse=bool(reverse))
     return da, db, dh0
