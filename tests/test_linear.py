@@ -170,37 +170,40 @@ def test_vmap_and_jit_equal_the_scan_per_example(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_nan_reaches_every_later_step_and_no_earlier_one(mode):
-    """A NaN in a or b at step s gives NaN at s and every later step (in the scan's order),
-    across resets too: a reset is a_t = 0, and 0 * NaN is NaN. Earlier steps are untouched."""
-    steps, s = 2 * CHUNK + 3, CHUNK - 2
+def test_nan_reaches_every_later_step_up_to_a_reset(mode):
+    """A NaN in a or b at step s gives NaN at s and every later step (in the scan's order) up to
+    the next reset, which replaces the carry (h = b there, not 0 * NaN + b): from the reset on
+    and before s the values are the reference's, finite. Other features never see it."""
+    steps, s, gap = 2 * CHUNK + 3, CHUNK - 2, CHUNK // 2
     rng = np.random.default_rng(4)
     a = np.asarray(draw(rng, (steps, 4), np.float32, decay=True))
     b = np.asarray(draw(rng, (steps, 4), np.float32))
-    reset = np.zeros(steps, bool)
-    reset[s + 5] = True
     for reverse in (False, True):
         at = steps - 1 - s if reverse else s
-        later = slice(0, at + 1) if reverse else slice(at, None)
-        earlier = slice(at + 1, None) if reverse else slice(0, at)
+        stop = at - gap if reverse else at + gap  # the reset, `gap` steps later in scan order
+        reset = np.zeros(steps, bool)
+        reset[stop] = True
+        nan = slice(stop + 1, at + 1) if reverse else slice(at, stop)
+        clean = np.ones(steps, bool)
+        clean[nan] = False
+        want = np.asarray(reference(a, b, jnp.zeros(4), jnp.asarray(reset), reverse))
         for x, col in ((a, 0), (b, 2)):
             x_nan = x.copy()
             x_nan[at, col] = np.nan
             a_in, b_in = (x_nan, b) if x is a else (a, x_nan)
             h = np.asarray(jitted(mode, reverse)(a_in, b_in, reset))
-            assert np.isnan(h[later, col]).all(), (reverse, col)
-            assert np.isfinite(np.delete(h, col, axis=1)).all()
-            want = reference(a, b, jnp.zeros(4), jnp.asarray(reset), reverse)
-            assert_close(h[earlier], np.asarray(want)[earlier])
+            assert np.isnan(h[nan, col]).all(), (reverse, col)
+            assert_close(h[clean], want[clean])
+            assert_close(np.delete(h, col, axis=1), np.delete(want, col, axis=1))
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_inf_times_zero_is_nan(mode):
-    """An inf in b at step s: h is +-inf from s on while the a's are nonzero (here in [0.5, 1),
+def test_inf_times_zero_is_nan_and_a_reset_clears_both(mode):
+    """An inf in b at step s: h is +inf from s on while the a's are nonzero (here in [0.5, 1),
     so no product of them underflows), and NaN from the first later step whose a is exactly 0
-    (0 * inf), reset steps included; other features stay finite. Where products of the a's
-    underflow to 0 the associative and chunked forms give NaN where the step-by-step forms
-    still give inf: only this case is mode-dependent."""
+    (0 * inf); a reset step instead replaces the carry, and h is finite from it on. Other
+    features stay finite. Where products of the a's underflow to 0 the associative and chunked
+    forms give NaN where the step-by-step forms still give inf: only that is mode-dependent."""
     steps, s, zero = CHUNK + 20, 10, CHUNK + 4
     rng = np.random.default_rng(5)
     a = rng.uniform(0.5, 1.0, (steps, 3)).astype(np.float32)
@@ -212,10 +215,10 @@ def test_inf_times_zero_is_nan(mode):
     assert np.isposinf(h[s:zero, 1]).all()
     assert np.isnan(h[zero:, 1]).all()
     assert np.isfinite(h[:s, 1]).all() and np.isfinite(h[:, [0, 2]]).all()
-    reset[zero] = True
-    a[zero, 1] = 0.7
+    reset[zero + 3] = True
     h = np.asarray(jitted(mode)(a, b, reset))
-    assert np.isposinf(h[s:zero, 1]).all() and np.isnan(h[zero:, 1]).all()
+    assert np.isposinf(h[s:zero, 1]).all() and np.isnan(h[zero : zero + 3, 1]).all()
+    assert np.isfinite(h[zero + 3 :]).all() and h[zero + 3, 1] == b[zero + 3, 1]
 
 
 @pytest.mark.parametrize("mode", ["sequential", pytest.param("native", marks=NATIVE)])
