@@ -322,7 +322,9 @@ def linear_scan(
     b = b.astype(dtype)
     h0 = h0.astype(dtype)
     if reset is not None:
-        reset = jnp.asarray(reset)
+        # A fresh array, not the caller's: vmap over a numpy constant under jit hands that
+        # numpy array through, and a custom VJP's residuals refuse it ("non-canonical").
+        reset = jnp.logical_and(jnp.asarray(reset), True)
     width = int(np.prod(state, dtype=np.int64))
     mode = resolve_mode(mode, steps, width, dtype)
     if mode == "native" and not native_available():

@@ -38,15 +38,23 @@ def _logaddexp(x: jax.Array, y: jax.Array) -> jax.Array:
     m = lax.stop_gradient(jnp.maximum(x, y))
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
     total = jnp.exp(x - m) + jnp.exp(y - m)
-    some = total > 0
-    return jnp.where(some, m + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
+    # total == 0, not total > 0: a NaN total must stay NaN (the comparison is False for NaN).
+    none = total == 0
+    return jnp.where(none, -jnp.inf, m + jnp.log(jnp.where(none, 1.0, total)))
 
 
 def _log_combine(first, then):
-    """Two steps ``h -> exp(la) h + exp(lb)`` composed, ``first`` applied first."""
-    la1, lb1 = first
-    la2, lb2 = then
-    return la1 + la2, _logaddexp(la2 + lb1, lb2)
+    """Two steps ``h -> exp(la) h + exp(lb)`` composed, ``first`` applied first; a reset in
+    ``then`` (its flag ``r``) forgets ``first``. ``first``'s terms are replaced before they are
+    combined, not only after, so that a NaN in them reaches no derivative across the reset (a
+    ``where`` alone passes its zero cotangent through the unselected branch, 0 * NaN)."""
+    la1, lb1, r1 = first
+    la2, lb2, r2 = then
+    la1 = jnp.where(r2, jnp.zeros_like(la1), la1)
+    lb1 = jnp.where(r2, jnp.full_like(lb1, -jnp.inf), lb1)
+    la = jnp.where(r2, la2, la1 + la2)
+    lb = jnp.where(r2, lb2, _logaddexp(la2 + lb1, lb2))
+    return la, lb, r1 | r2
 
 
 def log_linear_scan(
@@ -63,14 +71,19 @@ def log_linear_scan(
     ``A_t = cumsum(log_a)`` and ``log h_t = A_t + logcumsumexp(log_b - A)``; this is the same
     prefix as an associative scan of ``(log a, log b)`` pairs, composed two at a time, so no
     term is a difference of two large cumulative sums (float32 loses the low digits of those
-    as ``|A_t|`` grows with T) and a ``reset`` is a decay of ``exp(-inf) = 0``. ``h0`` enters
-    linearly, ``h_t = exp(A_t) h0 + exp(LB_t)``, so it may be zero or negative (the paper takes
-    ``log h0``). Padded steps are ``log a = 0, log b = -inf``: they keep the carry.
+    as ``|A_t|`` grows with T). ``h0`` enters linearly, ``h_t = exp(A_t) h0 + exp(LB_t)``, so
+    it may be zero or negative (the paper takes ``log h0``). Padded steps are ``log a = 0,
+    log b = -inf``: they keep the carry. A ``reset`` replaces the carry by zero: from it on
+    nothing before it (``h0`` included, NaN or not) reaches a value or a derivative.
     """
-    if reset is not None:
-        log_a = jnp.where(reset[:, None], -jnp.inf, log_a)
-    big_a, big_b = lax.associative_scan(_log_combine, (log_a, log_b), reverse=reverse)
-    return jnp.exp(big_a) * h0 + jnp.exp(big_b)
+    flags = jnp.zeros(log_a.shape[:1], bool) if reset is None else jnp.asarray(reset)
+    flags = jnp.broadcast_to(flags[:, None], log_a.shape)
+    log_a = jnp.where(flags, -jnp.inf, log_a)
+    big_a, big_b, seen = lax.associative_scan(_log_combine, (log_a, log_b, flags), reverse=reverse)
+    # exp(A_t) h0 only where no reset came first (0 * a NaN h0 would be NaN); inputs replaced
+    # first, for the derivative (see _log_combine).
+    from_h0 = jnp.exp(jnp.where(seen, jnp.zeros_like(big_a), big_a)) * h0
+    return jnp.where(seen, jnp.zeros_like(from_h0), from_h0) + jnp.exp(big_b)
 
 
 def check_log_space(cell_name: str, log_space, scan_mode) -> None:

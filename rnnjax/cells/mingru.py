@@ -45,7 +45,9 @@ def mingru(
     equal the ``lax.scan`` of ``step`` (``cell._replace(sequence=None)``) with ``length``,
     ``mask``, ``reverse``, ``reset`` and a given carry. ``remat`` stores only the projection
     and recomputes the gates and the recurrence. Through ``linear_scan`` (its custom VJP) only
-    reverse-mode derivatives exist; use the step scan for ``jax.jvp``.
+    reverse-mode derivatives exist; use the step scan for ``jax.jvp``. NaN and inf reach the
+    values as in the step scan; in log space, the derivatives at an infinite pre-activation may
+    be NaN where the step scan's are finite (its logarithms of the gates meet inf - inf).
 
     No ``recurrent_mask`` (recurrent dropout): there is no recurrent weight matrix, and the
     decay ``1 - z`` is the only path from ``h_{t-1}``.
