@@ -308,6 +308,7 @@ def _run_group(
     limit: Callable[[str], float],
     repeats: int,
     min_sample_s: float,
+    settle_s: float,
     want_machine: bool,
     env: Mapping[str, str],
     say: Callable[[str], None],
@@ -319,7 +320,8 @@ def _run_group(
     while pending:
         spec = {
             "builder": builder, "group": group.kwargs, "keys": pending, "repeats": repeats,
-            "min_sample_s": min_sample_s, "machine": want_machine and machine is None,
+            "min_sample_s": min_sample_s, "settle_s": settle_s,
+            "machine": want_machine and machine is None,
         }  # fmt: skip
         worker = _Worker(spec, env)
         try:
@@ -403,6 +405,7 @@ def run_groups(
     compile_timeout: float,
     compile_timeouts: Mapping[str, float] | None = None,
     min_sample_s: float = MIN_SAMPLE_S,
+    settle_s: float = SETTLE_S,
     env: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -415,7 +418,8 @@ def run_groups(
     ``memory``, the timing statistics and ``vs_reference``: this row's ``time_s`` over the
     ``reference`` candidate's in the same group and mode (None when that one has no time).
     ``compile_timeouts`` maps a candidate to its own limit in place of ``compile_timeout``;
-    ``env`` holds defaults for the workers' environment variables (the caller's win).
+    ``env`` holds defaults for the workers' environment variables (the caller's win);
+    ``settle_s`` is :func:`measure`'s, in every worker.
     """
     say = progress or (lambda message: None)
     overrides = dict(compile_timeouts or {})
@@ -439,7 +443,7 @@ def run_groups(
         if keys:
             measured, seen = _run_group(
                 builder, group, keys, limit=limit, repeats=repeats, min_sample_s=min_sample_s,
-                want_machine=machine is None, env=env or {}, say=say,
+                settle_s=settle_s, want_machine=machine is None, env=env or {}, say=say,
             )  # fmt: skip
             outcome.update(measured)
             machine = machine or seen

@@ -1,7 +1,7 @@
 """The benchmark worker: ``python -m rnnjax.bench._worker`` compiles and times one group.
 
 It reads a JSON spec on stdin (``builder``, ``group``, ``keys``, ``repeats``, ``min_sample_s``,
-``machine``) and writes one JSON object per line on its stdout, which the parent
+``settle_s``, ``machine``) and writes one JSON object per line on its stdout, which the parent
 (:mod:`rnnjax.bench._harness`) reads with deadlines:
 
 - ``{"event": "ready", "machine": ...}`` once the libraries are imported;
@@ -37,7 +37,7 @@ def main() -> None:
     # Every compile must be a real one: a cache hit would report a cache read as compile time.
     jax.config.update("jax_enable_compilation_cache", False)
 
-    from rnnjax.bench._harness import Unavailable, measure
+    from rnnjax.bench._harness import SETTLE_S, Unavailable, measure
     from rnnjax.bench._machine import machine_info
 
     module, name = spec["builder"].split(":")
@@ -69,7 +69,8 @@ def main() -> None:
             emit(event="failed", candidate=key[0], mode=key[1], status="error", error=error)
     emit(event="timing", programs=len(working), repeats=spec["repeats"])
     stats = measure(
-        working, repeats=spec["repeats"], min_sample_s=spec["min_sample_s"], warmup=False,
+        working, repeats=spec["repeats"], min_sample_s=spec["min_sample_s"],
+        settle_s=spec.get("settle_s", SETTLE_S), warmup=False,
         on_round=lambda index: emit(event="round", index=index),
     )  # fmt: skip
     results = [{"candidate": c, "mode": m, **s} for (c, m), s in stats.items()]

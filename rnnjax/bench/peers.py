@@ -310,6 +310,7 @@ def peers(
     repeats: int = 10,
     compile_timeout: float = 60.0,
     min_sample_s: float = _harness.MIN_SAMPLE_S,
+    settle_s: float = _harness.SETTLE_S,
     progress: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -319,7 +320,8 @@ def peers(
       shapes: ``(B, T, I, H)`` tuples.
       cells: among ``"lstm"``, ``"gru"``.
       peers: names from :data:`PEERS` (default: all of them); rnnjax is always measured.
-      repeats, compile_timeout, progress: as in :func:`rnnjax.bench.scan_vs_unroll`.
+      repeats, compile_timeout, min_sample_s, settle_s, progress: as in
+        :func:`rnnjax.bench.scan_vs_unroll`.
 
     Returns:
       ``{"suite": "peers", ..., "results": [...], "summary": [...]}``. Each result row has
@@ -346,6 +348,7 @@ def peers(
     config = {
         "shapes": [list(s) for s in shapes], "cells": cells, "peers": names, "repeats": repeats,
         "compile_timeout": float(compile_timeout), "min_sample_s": min_sample_s,
+        "settle_s": settle_s,
         "dtype": "float32",
     }  # fmt: skip
     available = {name: installed(name) for name in names}
@@ -391,7 +394,8 @@ def peers(
                 )
     rows, machine = _harness.run_groups(
         f"{__name__}:programs", groups, reference=REFERENCE, repeats=repeats,
-        compile_timeout=compile_timeout, min_sample_s=min_sample_s, progress=progress,
+        compile_timeout=compile_timeout, min_sample_s=min_sample_s, settle_s=settle_s,
+        progress=progress,
         # On a GPU, JAX would take 75% of its memory up front and leave PyTorch too little.
         env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
     )  # fmt: skip
@@ -406,7 +410,7 @@ def peers(
             machine.setdefault("torch_threads", threads)
     method = _harness.methodology(
         reference=REFERENCE, repeats=repeats, min_sample_s=min_sample_s,
-        compile_timeout=compile_timeout,
+        compile_timeout=compile_timeout, settle_s=settle_s,
     )  # fmt: skip
     method["own_process"] = (
         f"candidates of {', '.join(OWN_PROCESS)} run in a worker of their own right after the "

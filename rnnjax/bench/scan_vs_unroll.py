@@ -91,6 +91,7 @@ def scan_vs_unroll(
     compile_timeout: float = 60.0,
     compile_timeouts: dict[str, float] | None = None,
     min_sample_s: float = _harness.MIN_SAMPLE_S,
+    settle_s: float = _harness.SETTLE_S,
     progress: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -105,6 +106,10 @@ def scan_vs_unroll(
         ``scan(unroll=1)``, the reference for ratios, is always measured.
       repeats: timing rounds; compile_timeout: seconds allowed for one program's trace + compile
         (``compile_timeouts`` overrides it per candidate name, e.g. ``{"loop": 5.0}``).
+      min_sample_s: the shortest timed sample (back-to-back calls are counted to reach it).
+      settle_s: seconds of untimed calls of a program before each of its samples (see
+        :mod:`rnnjax.bench._harness`; the default outlasts the thread pools' spinning, a
+        shorter one only serves quick runs such as the tests').
       progress: called with a line of text as the work goes on.
 
     Returns:
@@ -124,7 +129,7 @@ def scan_vs_unroll(
         "input_size": _positive("input_size", input_size), "hidden": _positive("hidden", hidden),
         "unrolls": unrolls, "repeats": _positive("repeats", repeats),
         "compile_timeout": float(compile_timeout), "compile_timeouts": compile_timeouts,
-        "min_sample_s": min_sample_s, "dtype": "float32",
+        "min_sample_s": min_sample_s, "settle_s": settle_s, "dtype": "float32",
     }  # fmt: skip
     groups = [
         Group(
@@ -147,11 +152,11 @@ def scan_vs_unroll(
     rows, machine = _harness.run_groups(
         f"{__name__}:programs", groups, reference=REFERENCE, repeats=repeats,
         compile_timeout=compile_timeout, compile_timeouts=compile_timeouts,
-        min_sample_s=min_sample_s, progress=progress,
+        min_sample_s=min_sample_s, settle_s=settle_s, progress=progress,
     )  # fmt: skip
     method = _harness.methodology(
         reference=REFERENCE, repeats=repeats, min_sample_s=min_sample_s,
-        compile_timeout=compile_timeout,
+        compile_timeout=compile_timeout, settle_s=settle_s,
     )  # fmt: skip
     return _harness.document(
         SUITE, command=command or _harness.python_call("scan_vs_unroll", config),
