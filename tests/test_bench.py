@@ -169,7 +169,8 @@ def test_plots_are_pngs(scan_result, peers_result, tmp_path):
 def test_cli_runs_a_suite_as_a_process(tmp_path):
     out = tmp_path / "bench"
     args = ["--cells", "gru", "--lengths", "3", "--batch", "2", "--input-size", "3", "--hidden",
-            "4", "--unrolls", "full,loop", "--repeats", "2", "--out", str(out)]  # fmt: skip
+            "4", "--unrolls", "full,loop", "--repeats", "2", "--settle", "0", "--out",
+            str(out)]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "rnnjax.cli", "bench", "scan-vs-unroll", *args],
         capture_output=True, text=True, timeout=300, env=dict(os.environ),
@@ -180,6 +181,7 @@ def test_cli_runs_a_suite_as_a_process(tmp_path):
     check_document(result, "scan-vs-unroll")
     assert result["command"].startswith("rnnjax bench scan-vs-unroll --cells=gru --lengths=3")
     assert result["config"]["hidden"] == 4 and result["config"]["unrolls"] == [1, "full", "loop"]
+    assert result["methodology"]["settle_s"] == 0.0
     assert len(result["results"]) == 6
     for row in result["results"]:
         check_ok(row)
@@ -192,7 +194,7 @@ def test_cli_replaces_its_own_result_and_refuses_others(peers_result, tmp_path, 
     out.mkdir()
     (out / "peers.json").write_text(json.dumps(peers_result))  # a previous peers result
     argv = ["bench", "peers", "--shapes", "2x4x3x8", "--cells", "gru", "--peers", "torch",
-            "--repeats", "2", "--out", str(out)]  # fmt: skip
+            "--repeats", "2", "--settle", "0", "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads((out / "peers.json").read_text())
     assert result["command"].startswith("rnnjax bench peers --shapes=2x4x3x8 --cells=gru")
@@ -275,7 +277,7 @@ def test_python_api_rejects_bad_arguments():
 
 def test_cli_linear_times_each_backend_beside_the_bandwidth_bound(tmp_path, capsys):
     argv = ["bench", "linear", "--lengths", "8,4", "--width", "16", "--backends", "native,chunked",
-            "--repeats", "2", "--out", str(tmp_path)]  # fmt: skip
+            "--repeats", "2", "--stream-floats", "65536", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "linear.json").read_text())
     check_document(result, "linear")
@@ -296,7 +298,7 @@ def test_cli_linear_times_each_backend_beside_the_bandwidth_bound(tmp_path, caps
             continue
         check_ok(row)
         if row["candidate"] in streams:
-            assert row["bytes"] == 12 * 2**24 and "vs_bound" not in row
+            assert row["bytes"] == 12 * 65536 and "vs_bound" not in row
             assert row["bandwidth_bytes_per_s"] == pytest.approx(row["bytes"] / row["time_s"])
             continue
         bandwidth = by_t[row["T"]]["bandwidth_bytes_per_s"]

@@ -65,6 +65,10 @@ def add_parser(sub) -> None:
         p.add_argument("--compile-timeout", type=number(float, 0.0, inclusive=False),
                        default=60.0, metavar="SECONDS",
                        help="limit on one candidate's trace + compile (default: 60)")  # fmt: skip
+        p.add_argument("--settle", type=number(float, 0.0), default=_harness_settle(),
+                       metavar="SECONDS",
+                       help="untimed running of each candidate before its samples, so that "
+                       f"clocks and caches settle (default: {_harness_settle()})")  # fmt: skip
 
     p = suites.add_parser(
         "scan-vs-unroll",
@@ -198,10 +202,23 @@ def add_parser(sub) -> None:
         default=5,
         help="interleaved timing rounds; the median is reported (default: 5)",
     )
+    p.add_argument(
+        "--stream-floats",
+        type=number(int, 1),
+        default=linear.STREAM_FLOATS,
+        help=f"floats per array of the np.add bandwidth measurement; keep it well beyond the "
+        f"last-level cache for a true bound (default: {linear.STREAM_FLOATS})",
+    )
     p.add_argument("--compile-timeout", type=number(float, 0.0, inclusive=False),
                    default=120.0, metavar="SECONDS",
                    help="limit on one candidate's trace + compile (default: 120)")  # fmt: skip
     common(p)
+
+
+def _harness_settle() -> float:
+    from rnnjax.bench import _harness
+
+    return _harness.SETTLE_S
 
 
 def _items(text: str) -> list[str]:
@@ -308,7 +325,7 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
         result = scan_vs_unroll(
             cells=args.cells, lengths=args.lengths, batch=args.batch, input_size=args.input_size,
             hidden=args.hidden, unrolls=args.unrolls, compile_timeout=args.compile_timeout,
-            **timing,
+            settle_s=args.settle, **timing,
         )  # fmt: skip
         plot, text = plot_scan_vs_unroll, format_table
     elif args.suite == "peers":
@@ -316,7 +333,7 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
 
         result = peers(
             shapes=args.shapes, cells=args.cells, peers=args.peers,
-            compile_timeout=args.compile_timeout, **timing,
+            compile_timeout=args.compile_timeout, settle_s=args.settle, **timing,
         )  # fmt: skip
         plot, text = plot_peers, format_table
     elif args.suite == "linear":
@@ -324,7 +341,7 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
 
         result = linear(
             lengths=args.lengths, width=args.width, backends=args.backends,
-            compile_timeout=args.compile_timeout, **timing,
+            stream_floats=args.stream_floats, compile_timeout=args.compile_timeout, **timing,
         )  # fmt: skip
         plot, text = plot_linear, format_table
     else:
