@@ -350,8 +350,10 @@ def test_errors_say_what_to_fix():
 
 
 def test_mlstm_equals_the_xlstm_packages_pytorch_backends():
-    torch = pytest.importorskip("torch")
-    backends = pytest.importorskip("xlstm.blocks.mlstm.backends")
+    # the test extra installs torch and xlstm: a missing one fails here, never skips
+    import torch
+    from xlstm.blocks.mlstm import backends
+
     cell = rj.cells.mlstm(H, HEADS)  # eps=1e-6, as the reference backends
     params = perturbed_params(cell, seed=21)
     xs = np.asarray(jax.random.normal(jax.random.key(22), (T, I)))
@@ -388,8 +390,9 @@ def test_mlstm_equals_the_xlstm_packages_pytorch_backends():
 
 
 def test_slstm_equals_the_xlstm_packages_vanilla_cell():
-    torch = pytest.importorskip("torch")
-    reference = pytest.importorskip("xlstm.blocks.slstm.cell")
+    import torch
+    from xlstm.blocks.slstm import cell as reference
+
     cell = rj.cells.slstm(H, HEADS)
     params = perturbed_params(cell, seed=23)
     xs = np.asarray(jax.random.normal(jax.random.key(24), (T, I)))
