@@ -106,7 +106,8 @@ def test_train_help_groups_its_flags(capsys):
     expected = {
         "task and data": ["--task", "--data", "--seq-len"],
         "model": ["--cell", "--hidden", "--layers", "--bidirectional", "--dropout",
-                  "--recurrent-dropout", "--precision"],
+                  "--recurrent-dropout", "--precision", "--heads", "--state-size",
+                  "--layer-norm", "--peephole", "--log-space"],
         "optimisation": ["--steps", "--batch-size", "--lr", "--clip", "--seed"],
         "run directory": ["--out", "--resume", "--checkpoint-every", "--eval-every",
                           "--no-progress"],

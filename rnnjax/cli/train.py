@@ -24,7 +24,6 @@ from rnnjax.tasks.flags import add_flags, number, rate
 
 # Flags a resumed run may change; every other flag describes the model or its data.
 RESUMABLE = ("steps", "checkpoint_every", "eval_every", "precision")
-CELLS = ("lstm", "gru", "elman")
 EPILOG = """\
 The defaults shown are those of the task the flags name (charlm when none); another task may set
 its own. rnnjax train --task NAME --help shows the defaults and own flags of task NAME, and
@@ -64,7 +63,7 @@ def _show(value: Any) -> str:
 
 def add_parser(sub, task: str) -> None:
     """Add ``train``, with the common flags and those of task ``task``, to ``sub``."""
-    from rnnjax.tasks.base import COMMON_DEFAULTS, PRECISIONS
+    from rnnjax.tasks.base import CELL_OPTIONS, CELLS, COMMON_DEFAULTS, PRECISIONS
 
     own = tasks.module(task).DEFAULTS
     config = runs.defaults(task)
@@ -99,7 +98,8 @@ def add_parser(sub, task: str) -> None:
          "(adding), the delay (copy), the longest sequence (classify) or source 'A+B' "
          "(seq2seq)", type=number(int, 2), metavar="T")  # fmt: skip
     g = p.add_argument_group("model")
-    flag(g, "--cell", "the recurrent cell", choices=CELLS)
+    flag(g, "--cell", "the recurrent cell (rglru and lru read their input through a dense "
+         "projection to --hidden)", choices=tuple(CELLS))  # fmt: skip
     flag(g, "--hidden", "hidden units per layer", type=number(int, 1), metavar="H")
     flag(g, "--layers", "stacked recurrent layers", type=number(int, 1), metavar="N")
     flag(g, "--bidirectional", "each layer reads the sequence forwards and backwards; not for "
@@ -108,8 +108,22 @@ def add_parser(sub, task: str) -> None:
     flag(g, "--dropout", "dropout between layers", type=rate, metavar="RATE")
     flag(g, "--recurrent-dropout", "variational dropout on h inside each layer", type=rate,
          metavar="RATE")  # fmt: skip
-    flag(g, "--precision", "the cells' matmuls; bfloat16 keeps params and state float32",
-         choices=tuple(PRECISIONS))  # fmt: skip
+    flag(g, "--precision", "the cells' matmuls (lstm, gru, elman); bfloat16 keeps params and "
+         "state float32", choices=tuple(PRECISIONS))  # fmt: skip
+
+    def cells(key: str) -> str:
+        return f"({', '.join(CELL_OPTIONS[key][1])})"
+
+    flag(g, "--heads", f"heads of the cell {cells('heads')}; must divide --hidden",
+         type=number(int, 1), metavar="N")  # fmt: skip
+    flag(g, "--state-size", f"the LRU's complex state size {cells('state_size')}; none: --hidden",
+         type=number(int, 1), metavar="N")  # fmt: skip
+    flag(g, "--layer-norm", f"layer normalisation inside the cell {cells('layer_norm')}",
+         action="store_const", const=True)  # fmt: skip
+    flag(g, "--peephole", f"peephole connections {cells('peephole')}", action="store_const",
+         const=True)  # fmt: skip
+    flag(g, "--log-space", f"the parallel scan in log space {cells('log_space')}",
+         action="store_const", const=True)  # fmt: skip
     g = p.add_argument_group("optimisation")
     flag(g, "--steps", "training steps in all; a resumed run may raise it",
          type=number(int, 1), metavar="N")  # fmt: skip
@@ -156,6 +170,26 @@ def given(args: argparse.Namespace, config: dict) -> dict[str, Any]:
     return {n: getattr(args, n) for n in config if getattr(args, n, None) is not None}
 
 
+def check_cell(config: dict[str, Any], args: argparse.Namespace) -> None:
+    """Refuse a cell flag that was given but does not apply to ``config["cell"]`` (also one
+    given at its default value), and ``--precision bfloat16`` for a cell without it.
+
+    >>> from rnnjax import cli
+    >>> args = cli.parse(["train", "--cell", "lru", "--heads", "1"])
+    >>> check_cell(config_of(args), args)
+    Traceback (most recent call last):
+    ...
+    rnnjax.cli.errors.CLIError: --heads does not apply to the lru cell; it applies to rglru, ...
+    """
+    from rnnjax.data.text import DataError
+    from rnnjax.tasks.base import CELL_OPTIONS, check_cell_options
+
+    try:
+        check_cell_options(config, given=set(CELL_OPTIONS) & set(given(args, config)))
+    except DataError as e:
+        raise CLIError(str(e)) from None
+
+
 def main(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out is None:
@@ -184,6 +218,7 @@ def main(args: argparse.Namespace) -> int:
         created = not run.exists()
         run.mkdir(parents=True, exist_ok=True)
     try:
+        check_cell(config, args)
         task = runs.build(config, run)
     except BaseException:
         if created:  # only what this command made: an empty directory and derived files

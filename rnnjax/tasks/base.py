@@ -42,22 +42,126 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "data": None,
     "checkpoint_every": 250,
     "eval_every": 250,
+    # the cell options (CELL_OPTIONS): the factories' defaults; state_size None is --hidden
+    "heads": 1,
+    "state_size": None,
+    "layer_norm": False,
+    "peephole": False,
+    "log_space": False,
 }
 
 CELLS: dict[str, Callable[..., rj.Cell]] = {
     "lstm": rj.cells.lstm,
     "gru": rj.cells.gru,
     "elman": rj.cells.elman,
+    "mingru": rj.cells.mingru,
+    "minlstm": rj.cells.minlstm,
+    "indrnn": rj.cells.indrnn,
+    "rglru": rj.cells.rglru,
+    "lru": rj.cells.lru,
+    "slstm": rj.cells.slstm,
+    "mlstm": rj.cells.mlstm,
 }
 #: ``--precision``: the cells' ``compute_dtype`` (params and state stay float32).
 PRECISIONS: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
+#: The cells ``--precision bfloat16`` applies to: those whose factory takes ``compute_dtype``.
+LOW_PRECISION_CELLS = ("lstm", "gru", "elman")
+#: The cell options as flags: config key -> (the factory's keyword, the cells that take it).
+#: Their defaults (in :data:`COMMON_DEFAULTS`) are the factories' own, so a run's
+#: ``config.json`` written before a key existed reads back as the same model.
+CELL_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "heads": ("num_heads", ("rglru", "slstm", "mlstm")),
+    "state_size": ("state_size", ("lru",)),
+    "layer_norm": ("layer_norm", ("lstm", "gru")),
+    "peephole": ("peephole", ("lstm",)),
+    "log_space": ("log_space", ("mingru", "minlstm")),
+}
+#: Cells whose input size must equal their hidden size: :func:`recurrent_layers` puts a dense
+#: projection to ``hidden`` in front of each (see :func:`projected`).
+PROJECTED_CELLS = ("rglru", "lru")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_cell_options(config: dict, given: Any = None) -> None:
+    """Refuse a cell option (or ``--precision bfloat16``) that ``config["cell"]`` does not take,
+    with a line naming the cells it applies to. ``given`` (names of the flags given) says which
+    options were asked for; by default, those that differ from their defaults."""
+    cell = config["cell"]
+    if cell not in CELLS:
+        raise DataError(f"--cell {cell} is not a cell; the cells are {', '.join(CELLS)}")
+
+    def asked(key: str) -> bool:
+        if given is not None:
+            return key in given
+        return config.get(key, COMMON_DEFAULTS[key]) != COMMON_DEFAULTS[key]
+
+    for key, (_, cells) in CELL_OPTIONS.items():
+        if cell not in cells and asked(key):
+            raise DataError(
+                f"{_flag(key)} does not apply to the {cell} cell; it applies to {', '.join(cells)}"
+            )
+    if cell not in LOW_PRECISION_CELLS and config.get("precision", "float32") != "float32":
+        raise DataError(
+            f"--precision {config['precision']} does not apply to the {cell} cell, which computes "
+            f"in float32; it applies to {', '.join(LOW_PRECISION_CELLS)}"
+        )
 
 
 def make_cell(config: dict, hidden: int) -> rj.Cell:
-    """The ``--cell`` the flags name, ``hidden`` units, computing in ``--precision`` (runs
-    written before ``--precision`` existed are float32)."""
-    compute_dtype = PRECISIONS[config.get("precision", "float32")]
-    return CELLS[config["cell"]](hidden, compute_dtype=compute_dtype)
+    """The ``--cell`` the flags name, ``hidden`` units, with the cell options that apply to it
+    (:data:`CELL_OPTIONS`), computing in ``--precision`` (runs written before a flag existed
+    take its default). An option or precision the cell does not take is a :class:`DataError`."""
+    check_cell_options(config)
+    name = config["cell"]
+    kwargs: dict[str, Any] = {}
+    for key, (keyword, cells) in CELL_OPTIONS.items():
+        if name in cells:
+            kwargs[keyword] = config.get(key, COMMON_DEFAULTS[key])
+    if name == "lru" and kwargs["state_size"] is None:
+        kwargs["state_size"] = hidden
+    if name in LOW_PRECISION_CELLS:
+        kwargs["compute_dtype"] = PRECISIONS[config.get("precision", "float32")]
+    try:
+        return CELLS[name](hidden, **kwargs)
+    except ValueError as e:  # e.g. --hidden not a multiple of --heads
+        raise DataError(f"--cell {name}: {e}") from None
+
+
+def projected(layer: Layer, size: int) -> Layer:
+    """``layer`` read through a dense projection of its inputs to ``size`` features (for the
+    cells whose input size must equal their hidden size, :data:`PROJECTED_CELLS`). Params:
+    ``{"proj": dense params, "rnn": layer's params}``; carry and outputs are ``layer``'s."""
+    proj = rj.layers.dense(size)
+
+    def init(key, input_size):
+        k_proj, k_rnn = jax.random.split(key)
+        return {"proj": proj.init(k_proj, input_size), "rnn": layer.init(k_rnn, size)}
+
+    def apply(params, xs, *, length=None, mask=None, reset=None, carry=None, key=None):
+        _, x = proj.apply(params["proj"], xs, length=length, mask=mask)
+        return layer.apply(
+            params["rnn"], x, length=length, mask=mask, reset=reset, carry=carry, key=key
+        )
+
+    return Layer(init, apply)
+
+
+def cell_layer(config: dict, cell: rj.Cell | None = None) -> Layer:
+    """One recurrent layer of the flags: ``rnn(cell)`` with ``recurrent_dropout``, behind a
+    dense projection to ``hidden`` for :data:`PROJECTED_CELLS`."""
+    cell = make_cell(config, config["hidden"]) if cell is None else cell
+    try:
+        layer = rj.layers.rnn(cell, recurrent_dropout=config["recurrent_dropout"])
+    except ValueError as e:  # a cell without recurrent_mask
+        raise DataError(
+            f"--recurrent-dropout does not apply to the {config['cell']} cell: {e}"
+        ) from None
+    if config["cell"] in PROJECTED_CELLS:
+        layer = projected(layer, config["hidden"])
+    return layer
 
 
 @dataclass
@@ -98,8 +202,10 @@ class Task:
 
 
 def recurrent_layers(config: dict, *, causal: bool = False) -> Layer:
-    """The stack of recurrent layers the flags describe: ``layers`` x ``cell(hidden)``, each
-    bidirectional if asked, ``dropout`` between layers and ``recurrent_dropout`` inside them.
+    """The stack of recurrent layers the flags describe: ``layers`` x ``cell(hidden)`` (each a
+    :func:`cell_layer`: rglru and lru read their input through a dense projection to
+    ``hidden``), each bidirectional if asked, ``dropout`` between layers and
+    ``recurrent_dropout`` inside them.
     ``causal`` tasks (language models, forecasting) refuse ``bidirectional``."""
     if config["bidirectional"] and causal:
         raise DataError(
@@ -107,12 +213,10 @@ def recurrent_layers(config: dict, *, causal: bool = False) -> Layer:
             "step, so it must not read the future"
         )
 
-    def one():
-        cell = make_cell(config, config["hidden"])
-        return rj.layers.rnn(cell, recurrent_dropout=config["recurrent_dropout"])
-
     layers = [
-        rj.layers.bidirectional(one(), one()) if config["bidirectional"] else one()
+        rj.layers.bidirectional(cell_layer(config), cell_layer(config))
+        if config["bidirectional"]
+        else cell_layer(config)
         for _ in range(config["layers"])
     ]
     return rj.layers.stack(*layers, dropout=config["dropout"])
@@ -136,21 +240,28 @@ def check_generated(config: dict) -> None:
         )
 
 
-def readout(carry: Any, bidirectional: bool) -> jax.Array:
-    """The final state of :func:`~rnnjax.tasks.base.recurrent_layers`, from its carry: the top
-    layer's ``h`` after the last real step, ``(H,)``; for a bidirectional layer also the backward
-    ``h`` after it has read back to step 0, concatenated, ``(2H,)``.
+def readout(ys: jax.Array, length: Any, bidirectional: bool) -> jax.Array:
+    """The final state of :func:`~rnnjax.tasks.base.recurrent_layers`, from the top layer's
+    outputs ``ys (T, F)``: the output at the last real step (``length``; None: all ``T`` are
+    real), ``(H,)``; for a bidirectional layer that of the forward half, and the backward half's
+    at step 0, after it has read back to the start, concatenated, ``(2H,)``. Read from the
+    outputs, not the carry, it is the same for every cell: an xLSTM or LRU carry is a state
+    that is not the layer's output.
 
     >>> import jax, jax.numpy as jnp, rnnjax as rj
     >>> body = rj.layers.stack(rj.layers.rnn(rj.cells.lstm(4)))
     >>> params = body.init(jax.random.key(0), 2)
     >>> carry, ys = body.apply(params, jnp.ones((5, 2)), length=3)
-    >>> bool((readout(carry, False) == ys[2]).all())
+    >>> bool((readout(ys, 3, False) == carry[-1].h).all())
     True
     """
-    top = carry[-1]
-    parts = top if bidirectional else (top,)
-    return jnp.concatenate([c.h if hasattr(c, "h") else c for c in parts], axis=-1)
+    steps = ys.shape[0]
+    last = jnp.clip((steps if length is None else jnp.asarray(length)) - 1, 0, steps - 1)
+    forward = jnp.take(ys, last, axis=0)
+    if not bidirectional:
+        return forward
+    half = ys.shape[-1] // 2
+    return jnp.concatenate([forward[:half], ys[0, half:]], axis=-1)
 
 
 def many_to_one(config: dict, out_size: int, input_size: int) -> tuple[Callable, Callable]:
@@ -167,8 +278,8 @@ def many_to_one(config: dict, out_size: int, input_size: int) -> tuple[Callable,
         }
 
     def apply(params, xs, length=None, key=None):
-        carry, _ = body.apply(params["body"], xs, length=length, key=key)
-        features = readout(carry, config["bidirectional"])
+        _, ys = body.apply(params["body"], xs, length=length, key=key)
+        features = readout(ys, length, config["bidirectional"])
         return head.apply(params["head"], features[None])[1][0]
 
     return init, apply

@@ -32,7 +32,14 @@ import numpy as np
 import rnnjax as rj
 from rnnjax.data.text import CharVocab, DataError
 from rnnjax.generate import beam_search, greedy_decode
-from rnnjax.tasks.base import Task, make_cell, recurrent_layers, split_keys
+from rnnjax.tasks.base import (
+    PROJECTED_CELLS,
+    Task,
+    cell_layer,
+    make_cell,
+    recurrent_layers,
+    split_keys,
+)
 from rnnjax.tasks.flags import number
 from rnnjax.train import accuracy, cross_entropy
 
@@ -216,7 +223,8 @@ def model(config: dict) -> Seq2Seq:
     embed = rj.layers.embed(V, EMBED)  # one table for source and answer characters
     encoder = recurrent_layers(config)
     cell = make_cell(config, H)
-    decoder = rj.layers.rnn(cell, recurrent_dropout=config["recurrent_dropout"])
+    decoder = cell_layer(config, cell)  # behind a projection to H for rglru and lru
+    projects = config["cell"] in PROJECTED_CELLS
     head = rj.layers.dense(V)
     k_embed, k_enc, k_dec, k_bridge, k_head = split_keys(config, 5)
     params = {
@@ -230,7 +238,16 @@ def model(config: dict) -> Seq2Seq:
     # projected back to H by a tanh layer of its own.
     n_states = config["layers"] * (2 if config["bidirectional"] else 1)
     bridge = rj.layers.dense(H, activation=jnp.tanh)
-    n_leaves = len(jax.tree.leaves(cell.initial_carry(params["decoder"])))
+    cell_params = params["decoder"]["rnn"] if projects else params["decoder"]
+    start = cell.initial_carry(cell_params)
+    n_leaves = len(jax.tree.leaves(start))
+    if n_states > 1 and any(
+        leaf.shape != (H,) or jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(start)
+    ):
+        raise DataError(
+            f"the seq2seq task bridges several encoder states (--layers > 1 or --bidirectional) "
+            f"only for cells whose carry is made of hidden-size vectors, not {config['cell']}"
+        )
     params["bridge"] = (
         [bridge.init(k, n_states * H) for k in jax.random.split(k_bridge, n_leaves)]
         if n_states > 1
@@ -261,7 +278,10 @@ def model(config: dict) -> Seq2Seq:
 
     def step(params, carry, token):
         _, x = embed.apply(params["embed"], token[None])
-        carry, h = cell.step(params["decoder"], carry, x[0])
+        x = x[0]
+        if projects:
+            x = x @ params["decoder"]["proj"]["w"] + params["decoder"]["proj"]["b"]
+        carry, h = cell.step(params["decoder"]["rnn"] if projects else params["decoder"], carry, x)
         return carry, head.apply(params["head"], h[None])[1][0]
 
     return Seq2Seq(params, encode, forward, step)
