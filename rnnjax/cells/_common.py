@@ -127,3 +127,29 @@ def check_flag(cell_name: str, name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{cell_name} {name} must be True or False, got {value!r}")
     return value
+
+
+def decay_sequence(cell_name: str, outputs):
+    """The ``sequence`` of a cell whose recurrence is a decay ``h_t = a_t h_{t-1} + b_t`` run
+    by :func:`rnnjax.linear_scan` (the RG-LRU, the LRU): ``outputs(params, xs, h, real, reset,
+    *, reverse) -> (carry, ys)`` under ``remat`` (any mode: there are no per-step carries to
+    checkpoint, so the whole parallel pass is recomputed in the backward pass). There is no
+    ``recurrent_mask``: a dropout mask on ``h_{t-1}`` scaled by ``1/(1-p)`` would push the
+    decay above 1."""
+
+    def sequence(params, xs, h, real, *, reverse=False, unroll=1, recurrent_mask=None,
+                 remat=False, reset=None):  # fmt: skip
+        del unroll  # the recurrence has no loop body to unroll
+        if recurrent_mask is not None:
+            raise ValueError(
+                f"{cell_name} takes no recurrent_mask: its recurrence is a decay, not a weight "
+                "matrix, and a dropout mask on h_{t-1} scaled by 1/(1-p) would push the decay "
+                "above 1; use input dropout or zoneout"
+            )
+        run = functools.partial(outputs, reverse=bool(reverse))
+        if remat is not False:
+            run = jax.checkpoint(run)
+        with jax.named_scope(cell_name):
+            return run(params, xs, h, real, reset)
+
+    return sequence

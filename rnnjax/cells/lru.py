@@ -3,21 +3,14 @@ whole-sequence form runs through :func:`rnnjax.linear_scan`."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells._common import check_size
+from rnnjax.cells._common import check_size, decay_sequence
 from rnnjax.core import Cell, check_step_input
 from rnnjax.linear import linear_scan
-
-NO_RECURRENT_MASK = (
-    "lru takes no recurrent_mask: its recurrence is a decay, not a weight matrix, and a "
-    "dropout mask on h_{t-1} scaled by 1/(1-p) would push the decay above 1; use input "
-    "dropout or zoneout"
-)
 
 
 def _real(name: str, value) -> float:
@@ -146,25 +139,5 @@ def lru(
             return h, ys
         return (states[0] if reverse else states[-1]), ys
 
-    def sequence(
-        params,
-        xs,
-        h,
-        real,
-        *,
-        reverse=False,
-        unroll=1,
-        recurrent_mask=None,
-        remat=False,
-        reset=None,
-    ):
-        del unroll  # the recurrence has no loop body to unroll
-        if recurrent_mask is not None:
-            raise ValueError(NO_RECURRENT_MASK)
-        run = functools.partial(outputs, reverse=reverse)
-        if remat is not False:
-            run = jax.checkpoint(run)
-        with jax.named_scope("lru"):
-            return run(params, xs, h, real, reset)
-
+    sequence = decay_sequence("lru", outputs)
     return Cell(init, initial_carry, step, sequence)

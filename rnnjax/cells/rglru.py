@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells._common import check_size
+from rnnjax.cells._common import check_size, decay_sequence
 from rnnjax.core import Cell, check_step_input
 from rnnjax.linear import linear_scan
 
@@ -17,11 +17,6 @@ from rnnjax.linear import linear_scan
 C = 8.0
 MIN_RAD, MAX_RAD = 0.9, 0.999
 MAX_SQRT_GRADIENT = 1000.0
-NO_RECURRENT_MASK = (
-    "rglru takes no recurrent_mask: its recurrence is a decay, not a weight matrix, and a "
-    "dropout mask on h_{t-1} scaled by 1/(1-p) would push the decay above 1; use input "
-    "dropout or zoneout"
-)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -156,29 +151,12 @@ def rglru(hidden_size: int, num_heads: int = 1, *, dtype: jnp.dtype = jnp.float3
             b = jnp.where(real[:, None], b, jnp.zeros_like(b))
         return linear_scan(a, b, h, reverse=reverse, reset=reset)
 
-    def sequence(
-        params,
-        xs,
-        h,
-        real,
-        *,
-        reverse=False,
-        unroll=1,
-        recurrent_mask=None,
-        remat=False,
-        reset=None,
-    ):
-        del unroll  # the recurrence has no loop body to unroll
-        if recurrent_mask is not None:
-            raise ValueError(NO_RECURRENT_MASK)
-        run = functools.partial(states, reverse=reverse)
-        if remat is not False:
-            run = jax.checkpoint(run)
-        with jax.named_scope("rglru"):
-            hs_ = run(params, xs, h, real, reset)
+    def outputs(params, xs, h, real, reset, *, reverse):
+        hs_ = states(params, xs, h, real, reset, reverse=reverse)
         if hs_.shape[0] == 0:
             return h, hs_
         last = hs_[0] if reverse else hs_[-1]
         return last, hs_ if real is None else jnp.where(real[:, None], hs_, jnp.zeros_like(hs_))
 
+    sequence = decay_sequence("rglru", outputs)
     return Cell(init, initial_carry, step, sequence)

@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
 
     svu = importlib.import_module("rnnjax.bench.scan_vs_unroll")
     peers = importlib.import_module("rnnjax.bench.peers")
+    settle_s = importlib.import_module("rnnjax.bench._harness").SETTLE_S
     fmt = argparse.RawDescriptionHelpFormatter
     bench = sub.add_parser(
         "bench", help="benchmarks: scan vs unroll, rnnjax vs peers, BPTT memory, linear_scan",
@@ -65,10 +66,10 @@ def add_parser(sub) -> None:
         p.add_argument("--compile-timeout", type=number(float, 0.0, inclusive=False),
                        default=60.0, metavar="SECONDS",
                        help="limit on one candidate's trace + compile (default: 60)")  # fmt: skip
-        p.add_argument("--settle", type=number(float, 0.0), default=_harness_settle(),
+        p.add_argument("--settle", type=number(float, 0.0), default=settle_s,
                        metavar="SECONDS",
                        help="untimed running of each candidate before its samples, so that "
-                       f"clocks and caches settle (default: {_harness_settle()})")  # fmt: skip
+                       f"clocks and caches settle (default: {settle_s})")  # fmt: skip
 
     p = suites.add_parser(
         "scan-vs-unroll",
@@ -213,12 +214,6 @@ def add_parser(sub) -> None:
                    default=120.0, metavar="SECONDS",
                    help="limit on one candidate's trace + compile (default: 120)")  # fmt: skip
     common(p)
-
-
-def _harness_settle() -> float:
-    from rnnjax.bench import _harness
-
-    return _harness.SETTLE_S
 
 
 def _items(text: str) -> list[str]:
