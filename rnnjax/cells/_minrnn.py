@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from rnnjax import linear
-from rnnjax.core import check_option
+from rnnjax.cells._common import check_size, gate_blocks
+from rnnjax.core import Cell, check_option, check_step_input
 
 # (T, kH) projection x W + b -> (a, b), or (log a, log b) in the log-space form.
 Coefficients = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
@@ -146,3 +147,34 @@ def parallel_sequence(
         return (h[0] if reverse else h[-1]), ys
 
     return sequence
+
+
+def min_cell(cell_name: str, hidden_size: int, blocks: int, plain: Coefficients,
+             logs: Coefficients, *, log_space: bool, scan_mode: str, input_init, bias_init,
+             dtype) -> Cell:  # fmt: skip
+    """The Cell of minGRU (``blocks=2``) and minLSTM (``blocks=3``): params ``w (I, blocks*H)``
+    and ``b (blocks*H,)``, a zero carry ``(H,)``, a step ``h = a h + b`` with ``(a, b) =
+    plain(x W + b)``, and :func:`parallel_sequence`."""
+    check_size(cell_name, "hidden_size", hidden_size)
+    check_log_space(cell_name, log_space, scan_mode)
+
+    def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
+        check_size(f"{cell_name}.init", "input_size", input_size)
+        kw, kb = jax.random.split(key)
+        return {
+            "w": gate_blocks(kw, input_init, input_size, hidden_size, blocks, dtype),
+            "b": bias_init(kb, (blocks * hidden_size,), dtype),
+        }
+
+    def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
+        return jnp.zeros((params["w"].shape[1] // blocks,), params["w"].dtype)
+
+    def step(params, h, x):
+        check_step_input(cell_name, x, params["w"].shape[0])
+        with jax.named_scope(cell_name):
+            a, b = plain(x @ params["w"] + params["b"])
+            h = a * h + b
+        return h, h
+
+    sequence = parallel_sequence(cell_name, plain, logs, log_space=log_space, scan_mode=scan_mode)
+    return Cell(init, initial_carry, step, sequence)

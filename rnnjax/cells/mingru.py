@@ -8,13 +8,11 @@ import jax.numpy as jnp
 
 from rnnjax.cells._common import (
     Initializer,
-    check_size,
     default_bias_init,
     default_input_init,
-    gate_blocks,
 )
-from rnnjax.cells._minrnn import check_log_space, g, log_g, parallel_sequence
-from rnnjax.core import Cell, check_step_input
+from rnnjax.cells._minrnn import g, log_g, min_cell
+from rnnjax.core import Cell
 
 
 def mingru(
@@ -71,20 +69,6 @@ def mingru(
     >>> bool(jnp.allclose(h1, ys[0]))
     True
     """
-    check_size("mingru", "hidden_size", hidden_size)
-    check_log_space("mingru", log_space, scan_mode)
-    hs = hidden_size
-
-    def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
-        check_size("mingru.init", "input_size", input_size)
-        kw, kb = jax.random.split(key)
-        return {
-            "w": gate_blocks(kw, input_init, input_size, hs, 2, dtype),
-            "b": bias_init(kb, (2 * hs,), dtype),
-        }
-
-    def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
-        return jnp.zeros((params["w"].shape[1] // 2,), params["w"].dtype)
 
     def plain(proj):
         k, v = jnp.split(proj, 2, axis=-1)
@@ -95,12 +79,7 @@ def mingru(
         k, v = jnp.split(proj, 2, axis=-1)
         return -jax.nn.softplus(k), -jax.nn.softplus(-k) + log_g(v)
 
-    def step(params, h, x):
-        check_step_input("mingru", x, params["w"].shape[0])
-        with jax.named_scope("mingru"):
-            a, b = plain(x @ params["w"] + params["b"])
-            h = a * h + b
-        return h, h
-
-    sequence = parallel_sequence("mingru", plain, logs, log_space=log_space, scan_mode=scan_mode)
-    return Cell(init, initial_carry, step, sequence)
+    return min_cell(
+        "mingru", hidden_size, 2, plain, logs, log_space=log_space, scan_mode=scan_mode,
+        input_init=input_init, bias_init=bias_init, dtype=dtype,
+    )  # fmt: skip

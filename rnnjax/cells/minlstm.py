@@ -9,13 +9,11 @@ import jax.numpy as jnp
 
 from rnnjax.cells._common import (
     Initializer,
-    check_size,
     default_bias_init,
     default_input_init,
-    gate_blocks,
 )
-from rnnjax.cells._minrnn import check_log_space, g, log_g, parallel_sequence
-from rnnjax.core import Cell, check_step_input
+from rnnjax.cells._minrnn import g, log_g, min_cell
+from rnnjax.core import Cell
 
 
 def minlstm(
@@ -61,20 +59,6 @@ def minlstm(
     >>> params["w"].shape, params["b"].shape, ys.shape, bool((ys > 0).all())
     ((3, 12), (12,), (5, 4), True)
     """
-    check_size("minlstm", "hidden_size", hidden_size)
-    check_log_space("minlstm", log_space, scan_mode)
-    hs = hidden_size
-
-    def init(key: jax.Array, input_size: int) -> dict[str, jax.Array]:
-        check_size("minlstm.init", "input_size", input_size)
-        kw, kb = jax.random.split(key)
-        return {
-            "w": gate_blocks(kw, input_init, input_size, hs, 3, dtype),
-            "b": bias_init(kb, (3 * hs,), dtype),
-        }
-
-    def initial_carry(params: dict[str, jax.Array]) -> jax.Array:
-        return jnp.zeros((params["w"].shape[1] // 3,), params["w"].dtype)
 
     def plain(proj):
         kf, ki, v = jnp.split(proj, 3, axis=-1)
@@ -87,12 +71,7 @@ def minlstm(
         d = jax.nn.softplus(-kf) - jax.nn.softplus(-ki)
         return -jax.nn.softplus(d), -jax.nn.softplus(-d) + log_g(v)
 
-    def step(params, h, x):
-        check_step_input("minlstm", x, params["w"].shape[0])
-        with jax.named_scope("minlstm"):
-            a, b = plain(x @ params["w"] + params["b"])
-            h = a * h + b
-        return h, h
-
-    sequence = parallel_sequence("minlstm", plain, logs, log_space=log_space, scan_mode=scan_mode)
-    return Cell(init, initial_carry, step, sequence)
+    return min_cell(
+        "minlstm", hidden_size, 3, plain, logs, log_space=log_space, scan_mode=scan_mode,
+        input_init=input_init, bias_init=bias_init, dtype=dtype,
+    )  # fmt: skip
