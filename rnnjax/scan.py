@@ -290,7 +290,7 @@ def _fast_path(cell: Cell, xs: Any, reset: Any, remat: Remat) -> bool:
     ``fused=True`` path of ``rnnjax.cells._fused``) compute the same values with the
     weight-gradient work moved out of the loop; they cover masks and ``reverse``. ``reset``
     flags take the step-by-step scan unless the ``sequence`` takes ``reset=`` (the linear
-    recurrences do: a reset is a zero decay), ``remat`` does too unless it takes ``remat=`` (the
+    recurrences do: a reset replaces the carry), ``remat`` does too unless it takes ``remat=`` (the
     native kernels do: they checkpoint the carry and recompute segments themselves), and pytree
     inputs always do.
     """
