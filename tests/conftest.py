@@ -1,17 +1,35 @@
 """Shared fixtures; the cases themselves live in cases.py so tests can import them."""
 
 import os
+import subprocess
+import sys
 
-# XLA compiles dominate this suite's time (small shapes, many programs). LLVM's optimization
-# level changes how fast the generated code runs, not what it computes (no fast-math), and
-# level 0 cut this suite's time by about a fifth. Set before JAX starts its backend; the CLI
-# subprocesses the tests start inherit it. A value the caller set wins.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+import pytest
+from hypothesis import HealthCheck, settings
+
+# XLA compiles dominate this suite's time (small shapes, many programs). Two flags change how
+# fast the generated code runs and how long it takes to generate, not what it computes (no
+# fast-math either way): LLVM's optimization level 0 cut the suite's time by about a fifth, and
+# XLA:CPU's older loop emitters instead of its MLIR fusion emitters compile ~2.5x faster again
+# (tests/test_zoo.py and test_scan.py: 145 s -> 90 s). XLA aborts on a flag it does not know, so
+# a child process tries them first and a jaxlib without the second gets the first alone. Set
+# before JAX starts its backend, in the controller, so xdist's workers and the CLI subprocesses
+# the tests start inherit it. A value the caller set wins.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_flags():
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    env = {**os.environ, "XLA_FLAGS": _FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
+    known = subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+    return _FAST_COMPILE if known else "--xla_backend_optimization_level=0"
+
+
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = _xla_flags()
 
 import jax  # noqa: E402
-import pytest
-from cases import CELLS, I, T
-from hypothesis import HealthCheck, settings
+from cases import CELLS, I, T  # noqa: E402
 
 # The property-based tests: CI's profile is fixed-seed (the same examples every run) and small,
 # since each new shape or option compiles a program; `--hypothesis-profile=long` runs many
