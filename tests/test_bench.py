@@ -241,7 +241,8 @@ def test_cli_memory_runs_the_memory_suite(tmp_path, capsys):
         (["scan-vs-unroll", "--lengths", "4,x"],
          "--lengths: expected comma-separated positive integers like 16,64,256, got '4,x'"),
         (["scan-vs-unroll", "--lengths", "0"], "positive integers"),
-        (["scan-vs-unroll", "--cells", "lstm,tree"], "'tree' is not one"),
+        (["scan-vs-unroll", "--cells", "lstm,tree"], "'tree' is neither"),
+        (["scan-vs-unroll", "--cells", "no_such_mod:f"], "cannot import 'no_such_mod'"),
         (["scan-vs-unroll", "--unrolls", "2,half"], "positive ints, full or loop, got '2,half'"),
         (["scan-vs-unroll", "--compile-timeout", "0"], "--compile-timeout: expected a number > 0"),
         (["scan-vs-unroll", "--repeats", "x"], "--repeats: expected a int, got 'x'"),
@@ -266,9 +267,34 @@ def test_a_file_as_out_is_refused(tmp_path, capsys):
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
+def test_scan_vs_unroll_takes_a_zoo_cell_and_a_users_own(tmp_path, monkeypatch):
+    """A built-in linear cell (whose inputs have H features) and a cell from the user's module in
+    the working directory, given as ``module:function``, as the CLI's users would."""
+    (tmp_path / "my_cells.py").write_text(
+        "import rnnjax as rj\n\n\ndef wide_elman(hidden):\n    return rj.cells.elman(2 * hidden)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    result = bench.scan_vs_unroll(
+        cells=("rglru", "my_cells:wide_elman"), lengths=(4,), unrolls=(2,), repeats=2, **TINY
+    )
+    rows = result["results"]
+    assert [(r["cell"], r["candidate"], r["mode"]) for r in rows] == [
+        (cell, candidate, mode)
+        for cell in ("rglru", "my_cells:wide_elman")
+        for candidate in ("scan(unroll=1)", "scan(unroll=2)")
+        for mode in MODES
+    ]
+    assert all(r["status"] == "ok" and r["time_s"] > 0 for r in rows), rows
+
+
 def test_python_api_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="cells must be among lstm, gru, elman; got 'rnn'"):
+    with pytest.raises(
+        ValueError, match="cells must be among lstm, gru, elman, mingru, .*; got 'rnn'"
+    ):
         bench.scan_vs_unroll(cells=("rnn",))
+    with pytest.raises(ValueError, match="'json' has no function 'nothing'"):
+        bench.scan_vs_unroll(cells=("json:nothing",))
     with pytest.raises(ValueError, match="peers must be among .*; got 'mxnet'"):
         bench.peers(peers=("mxnet",))
     with pytest.raises(ValueError, match=r"each shape must be 4 positive ints \(B, T, I, H\)"):

@@ -8,10 +8,18 @@ of ``sum(ys ** 2)`` with respect to the cell's params): trace and compile time, 
 and XLA's peak-memory estimate (see :mod:`rnnjax.bench._harness` for the methodology). The
 reference for ratios is ``scan(unroll=1)``. This is the question of jax-ml/jax#1897 and
 dm-haiku#351.
+
+Any cell can be measured: the built-in ones by name (:data:`BUILTIN_CELLS`) and a user's own as
+``"package.module:function"``, a function of the hidden size that returns an
+:class:`rnnjax.Cell` (imported in each worker, so the module must be importable there too).
+Whatever whole-sequence fast path a cell has is dropped: the scan of its ``step`` is the subject.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,13 @@ from rnnjax.bench import _harness
 from rnnjax.bench._harness import MODES, Group
 
 SUITE = "scan-vs-unroll"
-CELLS = ("lstm", "gru", "elman")
+CELLS = ("lstm", "gru", "elman")  # the default
+#: The cells ``cells`` may name; any other is ``"package.module:function"``.
+BUILTIN_CELLS = (
+    "lstm", "gru", "elman", "mingru", "minlstm", "indrnn", "rglru", "lru", "slstm", "mlstm",
+)  # fmt: skip
+#: Built-in cells whose input size must equal their hidden size: their inputs have H features.
+SQUARE_CELLS = ("rglru", "lru")
 LENGTHS = (16, 64, 256, 1024)
 UNROLLS = (1, 2, 4, 8, 16, "full", "loop")
 REFERENCE = "scan(unroll=1)"
@@ -45,10 +59,12 @@ def programs(*, cell: str, T: int, batch: int, input_size: int, hidden: int, unr
     import rnnjax as rj
 
     # The step's lax.scan is the subject: no whole-sequence path (the LSTM's and GRU's native
-    # CPU kernels would run instead of the scan and ignore unroll).
-    rnn_cell = getattr(rj.cells, cell)(hidden)._replace(sequence=None)
-    params = rnn_cell.init(jax.random.key(0), input_size)
-    xs = jax.random.normal(jax.random.key(1), (batch, T, input_size))
+    # CPU kernels, the linear cells' parallel forms would run instead of the scan and ignore
+    # unroll).
+    rnn_cell = make_cell(cell, hidden)._replace(sequence=None)
+    size = hidden if cell in SQUARE_CELLS else input_size
+    params = rnn_cell.init(jax.random.key(0), size)
+    xs = jax.random.normal(jax.random.key(1), (batch, T, size))
 
     def functions(unroll):
         if unroll == "loop":
@@ -98,7 +114,9 @@ def scan_vs_unroll(
     """Measure scan with each unroll and the Python loop, per cell and T (in increasing T).
 
     Args:
-      cells: among ``"lstm"``, ``"gru"``, ``"elman"``.
+      cells: names from :data:`BUILTIN_CELLS` (``"rglru"`` and ``"lru"`` read ``hidden``
+        features, not ``input_size``), or ``"package.module:function"`` for a function of the
+        hidden size that returns an :class:`rnnjax.Cell`.
       lengths: sequence lengths T; a candidate that times out at one T is not tried at larger T.
       batch, input_size, hidden: B, I, H; inputs are ``(B, T, I)`` standard normals, batched
         with ``jax.vmap`` over a per-example :func:`rnnjax.scan` / :func:`rnnjax.loop`.
@@ -119,7 +137,7 @@ def scan_vs_unroll(
       ``min_s``, ``q1_s``, ``q3_s``, ``iqr_s``, ``samples_s``, ``calls_per_sample`` and
       ``vs_reference`` (time over ``scan(unroll=1)``'s).
     """
-    cells = [_check_cell(c) for c in cells]
+    cells = check_cells(cells)
     lengths = sorted({_positive("lengths", t) for t in lengths})
     unrolls = _check_unrolls(unrolls)
     if not compile_timeout >= 0:
@@ -164,9 +182,48 @@ def scan_vs_unroll(
     )  # fmt: skip
 
 
+def make_cell(cell: str, hidden: int):
+    """The cell ``cell`` names (a built-in name or ``"package.module:function"``) with ``hidden``
+    units."""
+    import rnnjax as rj
+
+    if cell in BUILTIN_CELLS:
+        return getattr(rj.cells, cell)(hidden)
+    made = _factory(cell)(hidden)
+    if not isinstance(made, rj.Cell):
+        raise ValueError(
+            f"cells: {cell}({hidden}) returned a {type(made).__name__}, expected an rnnjax.Cell"
+        )
+    return made
+
+
+def _factory(cell: str) -> Callable:
+    module, _, name = cell.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's modules beside them
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError as e:
+        raise ValueError(f"cells: cannot import {module!r} for {cell!r}: {e}") from None
+    if not callable(found):
+        raise ValueError(f"cells: {module!r} has no function {name!r} (for {cell!r})")
+    return found
+
+
+def check_cells(cells: Sequence[str]) -> list[str]:
+    """``cells`` as a list, each a built-in name or an importable ``"package.module:function"``;
+    a :class:`ValueError` naming the first that is neither."""
+    return [_check_cell(c) for c in cells]
+
+
 def _check_cell(cell: str) -> str:
-    if cell not in CELLS:
-        raise ValueError(f"cells must be among {', '.join(CELLS)}; got {cell!r}")
+    if not isinstance(cell, str) or (cell not in BUILTIN_CELLS and ":" not in cell):
+        raise ValueError(
+            f"cells must be among {', '.join(BUILTIN_CELLS)} or 'package.module:function' "
+            f"(a function of the hidden size returning an rnnjax.Cell); got {cell!r}"
+        )
+    if cell not in BUILTIN_CELLS:
+        _factory(cell)  # a bad module or name is refused here, before any worker starts
     return cell
 
 

@@ -81,9 +81,11 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--cells",
-        type=_names(svu.CELLS),
+        type=_cell_list(svu.BUILTIN_CELLS, svu.check_cells),
         default=svu.CELLS,
-        help=f"comma-separated, from {','.join(svu.CELLS)} (default: all)",
+        help=f"comma-separated, from {','.join(svu.BUILTIN_CELLS)} or your own as "
+        "package.module:function (a function of the hidden size returning an rnnjax.Cell); "
+        f"rglru and lru read H features, not I (default: {','.join(svu.CELLS)})",
     )
     p.add_argument(
         "--lengths",
@@ -230,6 +232,24 @@ def _int_list(text: str) -> tuple[int, ...]:
             f"expected comma-separated positive integers like 16,64,256, got {text!r}"
         )
     return tuple(dict.fromkeys(values))
+
+
+def _cell_list(builtin: tuple[str, ...], check):
+    def parse(text: str) -> tuple[str, ...]:
+        bad = [item for item in _items(text) if item not in builtin and ":" not in item]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated cells from {','.join(builtin)} or "
+                f"package.module:function, got {text!r} ({bad[0]!r} is neither)"
+            )
+        cells = tuple(dict.fromkeys(_items(text)))
+        try:  # a module that does not import, or a name in it that is not a function
+            check(cells)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("cells: ")) from None
+        return cells
+
+    return parse
 
 
 def _names(choices: tuple[str, ...]):
