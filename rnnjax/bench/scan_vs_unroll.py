@@ -26,15 +26,14 @@ from typing import Any
 
 from rnnjax.bench import _harness
 from rnnjax.bench._harness import MODES, Group
+from rnnjax.cells import BY_NAME, SQUARE
 
 SUITE = "scan-vs-unroll"
 CELLS = ("lstm", "gru", "elman")  # the default
 #: The cells ``cells`` may name; any other is ``"package.module:function"``.
-BUILTIN_CELLS = (
-    "lstm", "gru", "elman", "mingru", "minlstm", "indrnn", "rglru", "lru", "slstm", "mlstm",
-)  # fmt: skip
+BUILTIN_CELLS = tuple(BY_NAME)
 #: Built-in cells whose input size must equal their hidden size: their inputs have H features.
-SQUARE_CELLS = ("rglru", "lru")
+SQUARE_CELLS = SQUARE
 LENGTHS = (16, 64, 256, 1024)
 UNROLLS = (1, 2, 4, 8, 16, "full", "loop")
 REFERENCE = "scan(unroll=1)"
@@ -187,8 +186,8 @@ def make_cell(cell: str, hidden: int):
     units."""
     import rnnjax as rj
 
-    if cell in BUILTIN_CELLS:
-        return getattr(rj.cells, cell)(hidden)
+    if cell in BY_NAME:
+        return BY_NAME[cell](hidden)
     made = _factory(cell)(hidden)
     if not isinstance(made, rj.Cell):
         raise ValueError(

@@ -50,18 +50,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "log_space": False,
 }
 
-CELLS: dict[str, Callable[..., rj.Cell]] = {
-    "lstm": rj.cells.lstm,
-    "gru": rj.cells.gru,
-    "elman": rj.cells.elman,
-    "mingru": rj.cells.mingru,
-    "minlstm": rj.cells.minlstm,
-    "indrnn": rj.cells.indrnn,
-    "rglru": rj.cells.rglru,
-    "lru": rj.cells.lru,
-    "slstm": rj.cells.slstm,
-    "mlstm": rj.cells.mlstm,
-}
+CELLS: dict[str, Callable[..., rj.Cell]] = dict(rj.cells.BY_NAME)
 #: ``--precision``: the cells' ``compute_dtype`` (params and state stay float32).
 PRECISIONS: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
 #: The cells ``--precision bfloat16`` applies to: those whose factory takes ``compute_dtype``.
@@ -78,7 +67,7 @@ CELL_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 #: Cells whose input size must equal their hidden size: :func:`recurrent_layers` puts a dense
 #: projection to ``hidden`` in front of each (see :func:`projected`).
-PROJECTED_CELLS = ("rglru", "lru")
+PROJECTED_CELLS = rj.cells.SQUARE
 
 
 def _flag(key: str) -> str:
