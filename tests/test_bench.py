@@ -15,6 +15,8 @@ from rnnjax import cli
 from rnnjax._native import linear as native_linear
 
 peers_module = importlib.import_module("rnnjax.bench.peers")
+_harness = importlib.import_module("rnnjax.bench._harness")
+zoo_module = importlib.import_module("rnnjax.bench.zoo")
 PNG = b"\x89PNG\r\n\x1a\n"
 # min_sample_s: a sample of the tiny programs needs only a few ms, not the default 20; settle_s:
 # one untimed call before each sample, not 0.15 s of them (the settle serves the numbers, which
@@ -118,7 +120,8 @@ def test_peers_schema_ratios_and_missing_peer(peers_result):
                  "torch nn.LSTM", "jax.experimental.rnn.lstm", "rnnjax fused", "rnnjax bf16",
                  "torch nn.LSTM bf16", "rnnjax scan", "missing LSTM"],
         "gru": ["rnnjax", "flax.linen GRUCell", "flax.nnx GRUCell", "equinox GRUCell",
-                "torch nn.GRU", "rnnjax fused", "rnnjax bf16", "torch nn.GRU bf16", "rnnjax scan"],
+                "torch nn.GRU", "rnnjax fused", "rnnjax bf16", "torch nn.GRU bf16", "rnnjax scan",
+                "rnnjax lstm"],
     }  # fmt: skip
     assert sorted(by) == sorted((c, n, m) for c in expected for n in expected[c] for m in MODES)
     gpu = peers_result["machine"]["backend"] == "gpu"
@@ -215,16 +218,17 @@ def test_cli_replaces_its_own_result_and_refuses_others(peers_result, tmp_path, 
 
 
 def test_cli_memory_runs_the_memory_suite(tmp_path, capsys):
-    # A real run at a tiny size: one worker process per (T, mode), peak RSS read back.
-    argv = ["bench", "memory", "--cell", "gru", "--lengths", "6", "--hidden", "4", "--batch",
+    # A real run at a tiny size: one worker process per (T, mode), peak RSS read back; the LRU
+    # reads --hidden features (not --input-size) through its parallel form.
+    argv = ["bench", "memory", "--cell", "lru", "--lengths", "6", "--hidden", "4", "--batch",
             "2", "--input-size", "3", "--modes", "none,sqrt", "--loss", "final", "--timeout",
-            "120", "--kernels", "scan", "--out", str(tmp_path)]  # fmt: skip
+            "120", "--kernels", "native", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "memory.json").read_text())
-    assert result["command"].startswith("rnnjax bench memory --cell=gru")
-    assert "--loss=final" in result["command"] and "--kernels=scan" in result["command"]
-    assert result["config"]["loss"] == "final" and result["config"]["cell"] == "gru"
-    assert result["config"]["kernels"] == "scan"
+    assert result["command"].startswith("rnnjax bench memory --cell=lru")
+    assert "--loss=final" in result["command"] and "--kernels=native" in result["command"]
+    assert result["config"]["loss"] == "final" and result["config"]["cell"] == "lru"
+    assert result["config"]["kernels"] == "native"
     rows = {row["mode"]: row for row in result["results"]}
     assert sorted(rows) == ["none", "sqrt"]
     for row in rows.values():
@@ -248,7 +252,7 @@ def test_cli_memory_runs_the_memory_suite(tmp_path, capsys):
         (["scan-vs-unroll", "--repeats", "x"], "--repeats: expected a int, got 'x'"),
         (["peers", "--shapes", "16x256x32"], "BxTxIxH shapes"),
         (["peers", "--peers", "torch,mxnet"], "'mxnet' is not one"),
-        (["peers", "--cells", "elman"], "from lstm,gru"),
+        (["peers", "--cells", "elman,tree"], "from lstm,gru,elman,mingru"),
         (["memory", "--modes", "none,half"], "none, step, sqrt or ints, got 'none,half'"),
         (["memory", "--lengths", ""], "positive integers"),
         (["sorting"], "invalid choice: 'sorting'"),
@@ -286,6 +290,86 @@ def test_scan_vs_unroll_takes_a_zoo_cell_and_a_users_own(tmp_path, monkeypatch):
         for mode in MODES
     ]
     assert all(r["status"] == "ok" and r["time_s"] > 0 for r in rows), rows
+
+
+def test_peers_times_the_zoo_against_memax_recurrentgemma_its_step_scan_and_the_lstm():
+    """The linear cells beside their reference modules, their own step scans and rnnjax's LSTM,
+    all in one worker per cell; a shape with I != H is refused for the cells reading H
+    features."""
+    result = bench.peers(
+        shapes=((2, 5, 4, 4),), cells=("lru", "rglru"), repeats=2,
+        peers=("memax", "recurrentgemma", "rnnjax-step", "rnnjax-lstm"), **FAST,
+    )  # fmt: skip
+    rows = result["results"]
+    owners = {"rnnjax": "rnnjax", "memax LRU": "memax", "recurrentgemma RGLRU": "recurrentgemma",
+              "rnnjax step": "rnnjax-step", "rnnjax lstm": "rnnjax-lstm"}  # fmt: skip
+    expected = {
+        "lru": ["rnnjax", "memax LRU", "rnnjax step", "rnnjax lstm"],
+        "rglru": ["rnnjax", "recurrentgemma RGLRU", "rnnjax step", "rnnjax lstm"],
+    }
+    assert sorted((r["cell"], r["candidate"], r["mode"]) for r in rows) == sorted(
+        (c, n, m) for c in expected for n in expected[c] for m in MODES
+    )
+    for row in rows:
+        check_ok(row)
+        assert row["peer"] == owners[row["candidate"]]
+        if row["candidate"] != "rnnjax":
+            assert row["rnnjax_over_peer"] > 0
+    assert {(s["cell"], s["peer"]) for s in result["summary"]} >= {
+        ("lru", "memax"),
+        ("rglru", "recurrentgemma"),
+    }
+    for candidate in ("rnnjax", "memax LRU"):
+        (program, *_) = peers_module.programs(
+            cell="lru", batch=1, T=3, input_size=3, hidden=4, candidates=[candidate]
+        )
+        with pytest.raises(_harness.Unavailable, match="reads H features: .*I == H, got I=3, H=4"):
+            program.build()
+
+
+def test_zoo_trains_each_cell_at_the_lstms_parameter_count_through_rnnjax_train(tmp_path):
+    """``rnnjax bench zoo`` as a process: real rnnjax train runs (kept in --runs-dir), the
+    row's figures read back from their metrics.jsonl, the hidden size whose core is nearest
+    the LSTM's, and the commands that reproduce each run."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["bench", "zoo", "--cells", "mingru", "--reference-hidden", "6", "--charlm-steps",
+            "3", "--adding-steps", "4", "--adding-len", "6", "--adding-eval-every", "2",
+            "--runs-dir", str(runs), "--out", str(out)]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "rnnjax.cli", *argv], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "zoo.json").read_text())
+    assert result["suite"] == "zoo" and result["schema"] == 1 and result["machine"]["cpu_count"]
+    assert {"params", "tokens_per_s", "solved_at", "processes"} <= set(result["methodology"])
+    assert result["command"].startswith("rnnjax bench zoo --cells=mingru --reference-hidden=6")
+    assert "--runs-dir" in result["command"] and (out / "zoo.png").read_bytes()[:8] == PNG
+    rows = {r["task"]: r for r in result["results"]}
+    assert sorted(rows) == ["adding", "charlm"]
+    for task, row in rows.items():
+        assert row["target_params"] == zoo_module.core_params(task, "lstm", 6)
+        assert row["core_params"] == zoo_module.core_params(task, "mingru", row["hidden"])
+        gap = abs(row["core_params"] - row["target_params"])
+        for h in (row["hidden"] - 1, row["hidden"] + 1):
+            assert gap <= abs(zoo_module.core_params(task, "mingru", h) - row["target_params"])
+        assert row["command"].startswith(f"rnnjax train --task {task} --cell mingru --hidden ")
+        assert row["train_s"] > 0
+    records = [json.loads(line) for line in (runs / "charlm-mingru/metrics.jsonl").open()]
+    lm = rows["charlm"]
+    assert lm["steps"] == 3 and lm["bpc"] == [r for r in records if r["split"] == "val"][-1]["bpc"]
+    assert lm["tokens_per_s"] == pytest.approx(lm["steps_per_s"] * 32 * 100)
+    records = [json.loads(line) for line in (runs / "adding-mingru/metrics.jsonl").open()]
+    val = [r["mse"] for r in records if r["split"] == "val"]
+    add = rows["adding"]
+    assert len(val) == 2 and add["best_mse"] == min(val) and add["final_mse"] == val[-1]
+    assert add["solved_at"] is None and min(val) >= zoo_module.SOLVED_MSE  # 4 steps: not yet
+    assert "not solved" in zoo_module.format_table(result)
+    add["solved_at"] = 400
+    (line,) = [x for x in zoo_module.format_table(result).splitlines() if x.startswith("mingru")]
+    assert line.endswith(" 400") and f"{lm['bpc']:.3f}" in line
+    with pytest.raises(ValueError, match="cells must be among lstm, .*; got 'tree'"):
+        bench.zoo(cells=("tree",))
+    with pytest.raises(ValueError, match="charlm_steps must be a positive int, got 0"):
+        bench.zoo(charlm_steps=0)
 
 
 def test_python_api_rejects_bad_arguments():

@@ -122,6 +122,31 @@ def test_rnn_cell_under_flax_rnn_matches_scan(kind):
     _close(y_aligned[REAL], y_rj[REAL], f"{kind} real outputs, reverse without keep_order")
 
 
+ZOO = ("mingru", "minlstm", "indrnn", "rglru", "lru", "slstm", "mlstm")
+
+
+@pytest.mark.parametrize("kind", ZOO)
+def test_every_zoo_cell_runs_under_flax_rnn_as_its_rnnjax_scan(kind):
+    """The zoo's cells (nested params, complex and matrix-memory carries) through ``nn.RNN``
+    from the carry ``initialize_carry`` makes: the same final carry and real outputs as
+    ``rj.scan`` (the cells' parallel forms) with the same params, with seq_lengths."""
+    cell = rj.cells.BY_NAME[kind](H)
+    size = H if kind in rj.cells.SQUARE else I
+    xs = jax.random.normal(jax.random.key(6), (B, T, size))
+    rnn = nn.RNN(rjl.RNNCell(cell), return_carry=True)
+    variables = rnn.init(jax.random.key(0), xs)
+    params = variables["params"]["cell"]
+    assert jax.tree.map(np.shape, params) == jax.tree.map(
+        np.shape, cell.init(jax.random.key(0), size)
+    )
+    params = _randomize(params, 7)  # LRU: |lambda| = exp(-exp(nu_log)) < 1 whatever nu_log is
+    c_flax, y_flax = rnn.apply({"params": {"cell": params}}, xs, seq_lengths=LENGTHS)
+    c_rj, y_rj = _scan(cell, params, xs, lengths=LENGTHS)
+    assert type(c_flax) is type(c_rj)
+    _close(c_flax, c_rj, f"{kind} final carry, seq_lengths", atol=2e-5)
+    _close(y_flax[REAL], y_rj[REAL], f"{kind} real outputs, seq_lengths", atol=2e-5)
+
+
 def test_flax_rnn_with_a_zero_length_runs_through_the_padding():
     """For ``n = 0`` rnnjax returns the initial carry; Flax the carry after every padded step."""
     cell = rj.cells.elman(H)

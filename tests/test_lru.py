@@ -150,6 +150,11 @@ def test_complex_gradients_match_finite_differences_in_float64():
                             order=1, modes=["rev"], eps=1e-6)  # fmt: skip
 
 
+def test_the_state_size_defaults_to_the_hidden_size():
+    params = rj.cells.lru(3).init(jax.random.key(0), 3)
+    assert params["B_re"].shape == (3, 3) and params["nu_log"].shape == (3,)
+
+
 def test_errors_say_what_was_expected():
     cell = rj.cells.lru(4, state_size=3)
     with pytest.raises(ValueError, match=r"input_size == hidden_size = 4, got 3: .*project"):

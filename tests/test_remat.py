@@ -267,7 +267,7 @@ def test_memory_suite_reports_timeouts_and_bad_arguments(tmp_path):
     plot_memory(result, tmp_path / "memory.png")  # nothing measured: still a figure
     for kwargs, match in [
         ({"modes": ("half",)}, "'none', 'step', 'sqrt' or a positive int"),
-        ({"cell": "rnn"}, "cell to be one of lstm, gru, elman; got 'rnn'"),
+        ({"cell": "rnn"}, "cell to be one of lstm, gru, elman, mingru, .*; got 'rnn'"),
         ({"loss": "mean"}, "loss to be one of outputs, outputs_in_scan, final; got 'mean'"),
         ({"kernels": "cuda"}, "kernels to be one of native, scan; got 'cuda'"),
         ({"lengths": (0,)}, "each length to be a positive int, got 0"),

@@ -1,5 +1,7 @@
-"""Benchmarks: ``lax.scan`` vs unrolled loops, rnnjax vs its peers, BPTT memory, and the
-backends of :func:`rnnjax.linear_scan` against the memory-bandwidth bound (``linear``).
+"""Benchmarks: ``lax.scan`` vs unrolled loops, rnnjax vs its peers, BPTT memory, the
+backends of :func:`rnnjax.linear_scan` against the memory-bandwidth bound (``linear``), and the
+cell zoo trained at equal parameter counts (``zoo``: real ``rnnjax train`` runs, see
+:mod:`rnnjax.bench.zoo`).
 
 Run them with ``rnnjax bench SUITE`` or from Python; every result records the machine
 (:func:`machine_info`), the config and the command, and is written as JSON with a PNG plot.
@@ -8,7 +10,7 @@ before each sample) is in :mod:`rnnjax.bench._harness`.
 
 Every suite returns (and ``rnnjax bench`` writes as ``OUT/SUITE.json``) one JSON object::
 
-    suite        "scan-vs-unroll" | "peers" | "memory" | "linear"
+    suite        "scan-vs-unroll" | "peers" | "memory" | "linear" | "zoo"
     schema       1
     command      the command line (CLI) or Python call that made it
     config       every parameter, defaults included
@@ -34,16 +36,20 @@ A row of scan-vs-unroll or peers: the group's fields (``cell``, ``T``; peers: ``
 - ``"error"``, ``"unavailable"``, ``"not installed"``: ``error``.
 
 A row of linear adds ``width``, ``bytes`` (moved by the pass), ``bandwidth_bytes_per_s``,
-``bound_s`` and ``vs_bound`` (:mod:`rnnjax.bench.linear` has the arithmetic).
+``bound_s`` and ``vs_bound`` (:mod:`rnnjax.bench.linear` has the arithmetic). A row of zoo is
+one training run (``task``, ``cell``, ``hidden``, ``core_params``, ``command``, the task's
+figures: :func:`rnnjax.bench.zoo.zoo`).
 
-Note: ``rnnjax.bench.peers``, ``rnnjax.bench.linear`` and ``rnnjax.bench.scan_vs_unroll`` are
-the functions; import the modules with ``importlib.import_module("rnnjax.bench.peers")``.
+Note: ``rnnjax.bench.peers``, ``rnnjax.bench.linear``, ``rnnjax.bench.scan_vs_unroll`` and
+``rnnjax.bench.zoo`` are the functions; import the modules with
+``importlib.import_module("rnnjax.bench.peers")``.
 """
 
 from rnnjax.bench._machine import machine_info
 from rnnjax.bench.linear import linear, plot_linear
 from rnnjax.bench.peers import peers, plot_peers
 from rnnjax.bench.scan_vs_unroll import plot_scan_vs_unroll, scan_vs_unroll
+from rnnjax.bench.zoo import plot_zoo, zoo
 
 __all__ = [
     "linear",
@@ -52,5 +58,7 @@ __all__ = [
     "plot_linear",
     "plot_peers",
     "plot_scan_vs_unroll",
+    "plot_zoo",
     "scan_vs_unroll",
+    "zoo",
 ]

@@ -7,12 +7,13 @@ it, runs it once to warm up and ``repeats`` times more to time it, and prints on
 Modes: ``"none"`` (``remat=False``), ``"step"`` (``remat=True``), ``"sqrt"``
 (``remat="sqrt"``) and an int such as ``64`` (``remat=64``).
 
-Kernels (``kernels=``): ``"native"`` (the default) measures the cell as ``rj.cells.<cell>(H)``
-builds it: the LSTM and GRU run rnnjax's compiled CPU kernels, which checkpoint the carry and
-recompute segments themselves under ``remat`` (the Elman cell has no kernels and runs its step
-scan either way); ``"scan"`` forces the step-by-step ``lax.scan``
-(``cell._replace(sequence=None)``), where ``remat`` is ``jax.checkpoint`` around scanned
-segments.
+Any built-in cell can be measured (``rglru`` and ``lru`` read ``hidden`` features, not
+``input_size``). Kernels (``kernels=``): ``"native"`` (the default) measures the cell as
+``rj.cells.<cell>(H)`` builds it (the linear cells: their parallel form): the LSTM and GRU run
+rnnjax's compiled CPU kernels, which checkpoint the carry and recompute segments themselves
+under ``remat`` (the Elman cell has no kernels and runs its step scan either way); ``"scan"``
+forces the step-by-step ``lax.scan`` (``cell._replace(sequence=None)``), where ``remat`` is
+``jax.checkpoint`` around scanned segments.
 
 Losses (``loss=``):
 
@@ -41,9 +42,11 @@ from typing import Any
 
 from rnnjax.bench._harness import SCHEMA, memory_stats, python_call
 from rnnjax.bench._machine import machine_info
+from rnnjax.cells import BY_NAME
 
 SUITE = "memory"
-CELLS = ("lstm", "gru", "elman")
+#: every built-in cell (rglru and lru read ``hidden`` features, not ``input_size``)
+CELLS = tuple(BY_NAME)
 LOSSES = ("outputs", "outputs_in_scan", "final")
 KERNELS = ("native", "scan")
 NAMED_MODES = {"none": False, "step": True, "sqrt": "sqrt"}
@@ -123,13 +126,14 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = _peak_rss_bytes()
 
     steps, remat = spec["T"], remat_of(spec["mode"])
-    cell = getattr(rj.cells, spec["cell"])(spec["hidden"])
+    cell = rj.cells.BY_NAME[spec["cell"]](spec["hidden"])
     if spec["kernels"] == "scan":
         cell = cell._replace(sequence=None)
-    params = cell.init(jax.random.key(0), spec["input_size"])
+    size = spec["hidden"] if spec["cell"] in rj.cells.SQUARE else spec["input_size"]
+    params = cell.init(jax.random.key(0), size)
     # numpy draws the inputs: jax.random would hold several xs-sized temporaries at once.
     rng = np.random.default_rng(1)
-    xs = jnp.asarray(rng.standard_normal((spec["batch"], steps, spec["input_size"]), np.float32))
+    xs = jnp.asarray(rng.standard_normal((spec["batch"], steps, size), np.float32))
 
     if spec["loss"] == "outputs_in_scan":
         plain = cell
@@ -143,7 +147,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     def loss(params, xs):
         carry, ys = jax.vmap(lambda x: rj.scan(cell, params, x, remat=remat))(xs)
         if spec["loss"] == "final":
-            return jnp.sum(jax.tree.leaves(carry)[0] ** 2)  # h (LSTMState's first field)
+            # h (LSTMState's first field; the LRU's complex state: |h|^2)
+            first = jax.tree.leaves(carry)[0]
+            return jnp.sum(jnp.real(first * jnp.conj(first)))
         return jnp.sum(ys**2) if spec["loss"] == "outputs" else jnp.sum(ys)
 
     start = time.perf_counter()
@@ -234,7 +240,7 @@ def memory(
     ``times_s`` and ``finite``.
 
     Args:
-      cell: ``"lstm"``, ``"gru"`` or ``"elman"``.
+      cell: a name from :data:`CELLS` (``"rglru"`` and ``"lru"`` read ``hidden`` features).
       lengths: sequence lengths T.
       hidden, batch, input_size: the shape; the batch is a ``jax.vmap``.
       modes: ``"none"``, ``"step"``, ``"sqrt"`` or ints (steps per checkpointed segment).

@@ -21,7 +21,15 @@ forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to al
 - ``rnnjax-bf16``: rnnjax cells with ``compute_dtype=jnp.bfloat16`` (bfloat16 matmuls, float32
   params and state): not the same arithmetic as the float32 candidates, so compare it with
   ``torch-bf16``;
-- ``torch-bf16``: PyTorch under ``torch.autocast(dtype=torch.bfloat16)`` (its mixed precision).
+- ``torch-bf16``: PyTorch under ``torch.autocast(dtype=torch.bfloat16)`` (its mixed precision);
+- the zoo (any cell of :data:`rnnjax.cells.BY_NAME`, ``--cells mingru,lru,...``): ``memax``'s
+  ``LRU`` (its ``semigroup_scan``, an associative scan, under ``jax.vmap``; state size H) for
+  ``lru``, ``recurrentgemma``'s ``RGLRU`` (Flax linen, its default scan, positions from 0) for
+  ``rglru``; ``rnnjax-step``: the ``lax.scan`` of the cell's ``step`` (``sequence=None``)
+  against the cell's parallel form; ``rnnjax-lstm``: rnnjax's LSTM at the same shape, timed in
+  the same worker, so that every cell's ratio to the classic LSTM is taken in one process.
+  ``rglru`` and ``lru`` read H features: they need a shape with ``I == H`` (other shapes are
+  reported "unavailable").
 
 Every candidate initializes its own params with its own defaults; the timed work is the same.
 A peer whose package is not installed is reported as ``"not installed"``. All candidates of one
@@ -45,9 +53,12 @@ from typing import Any
 
 from rnnjax.bench import _harness
 from rnnjax.bench._harness import MODES, Group, Program, Unavailable
+from rnnjax.cells import BY_NAME, SQUARE
 
 SUITE = "peers"
 CELLS = ("lstm", "gru")
+#: every cell ``cells=`` may name: the built-in cells
+ALL_CELLS = tuple(BY_NAME)
 SHAPES = ((16, 256, 32, 64), (32, 128, 64, 256), (64, 64, 128, 512))
 REFERENCE = "rnnjax"
 
@@ -92,21 +103,72 @@ PEERS: dict[str, Peer] = {
     # Mixed precision: bfloat16 matmuls with float32 params and state, rnnjax's and PyTorch's.
     "rnnjax-bf16": Peer("rnnjax", {"lstm": ("rnnjax bf16",), "gru": ("rnnjax bf16",)}),
     "torch-bf16": Peer("torch", {"lstm": ("torch nn.LSTM bf16",), "gru": ("torch nn.GRU bf16",)}),
+    # The zoo's peers: the reference modules of the cells they have.
+    "memax": Peer("memax", {"lru": ("memax LRU",)}),
+    "recurrentgemma": Peer("recurrentgemma", {"rglru": ("recurrentgemma RGLRU",)}),
+    # A zoo cell's step scan against its parallel form, and the classic LSTM at the same shape.
+    "rnnjax-step": Peer(
+        "rnnjax", {c: ("rnnjax step",) for c in ("mingru", "minlstm", "rglru", "lru", "mlstm")}
+    ),
+    "rnnjax-lstm": Peer("rnnjax", {c: ("rnnjax lstm",) for c in ALL_CELLS if c != "lstm"}),
 }
 
 
 # ------------------------------------------------------------------------- in the worker
 
 
-def _rnnjax(cell, shape, xs, fused=False, compute_dtype=None, **extra):
+def _square(cell, shape, who):
+    if cell in SQUARE and shape[2] != shape[3]:
+        raise Unavailable(f"{who} reads H features: the shape needs I == H, got I={shape[2]}, "
+                          f"H={shape[3]}")  # fmt: skip
+
+
+def _rnnjax(cell, shape, xs, step=False, **options):
+    """rnnjax's ``cell`` (with ``options``, e.g. ``fused=True``) as one layer; ``step``: the
+    ``lax.scan`` of its ``step`` instead of its parallel form."""
     import jax
 
     import rnnjax as rj
 
-    make = getattr(rj.cells, cell)
-    layer = rj.layers.rnn(make(shape[3], fused=fused, compute_dtype=compute_dtype, **extra))
+    _square(cell, shape, cell)
+    made = BY_NAME[cell](shape[3], **options)
+    layer = rj.layers.rnn(made._replace(sequence=None) if step else made)
     params = layer.init(jax.random.key(0), shape[2])
     return lambda p, x: jax.vmap(lambda one: layer.apply(p, one)[1])(x), params
+
+
+def _memax_lru(cell, shape, xs):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    from memax.equinox.semigroups.lru import LRU
+
+    _square(cell, shape, "memax's LRU")
+    _, steps, _, hidden = shape
+    params, static = eqx.partition(LRU(hidden, hidden, jax.random.key(0)), eqx.is_array)
+
+    def forward(p, x):
+        model = eqx.combine(p, static)
+        # memax's carry: (product of the decays so far, state), and a reset flag
+        start = ((jnp.ones(hidden, jnp.complex64), jnp.zeros(hidden, jnp.complex64)),
+                 jnp.zeros((), bool))  # fmt: skip
+        starts = jnp.zeros(steps, bool)
+        return jax.vmap(lambda seq: model(start, (seq, starts))[1])(x)
+
+    return forward, params
+
+
+def _recurrentgemma_rglru(cell, shape, xs):
+    import jax
+    import jax.numpy as jnp
+    from recurrentgemma.jax import layers as rg
+
+    _square(cell, shape, "recurrentgemma's RGLRU")
+    batch, steps, _, hidden = shape
+    module = rg.RGLRU(width=hidden, num_heads=1)
+    positions = jnp.broadcast_to(jnp.arange(steps), (batch, steps))
+    params = module.init(jax.random.key(0), xs, positions)["params"]
+    return lambda p, x: module.apply({"params": p}, x, positions)[0], params
 
 
 def _linen(name):
@@ -197,6 +259,10 @@ JAX_CANDIDATES: dict[str, Callable] = {
     "equinox LSTMCell": _equinox("LSTMCell"),
     "equinox GRUCell": _equinox("GRUCell"),
     "jax.experimental.rnn.lstm": _cudnn,
+    "memax LRU": _memax_lru,
+    "recurrentgemma RGLRU": _recurrentgemma_rglru,
+    "rnnjax step": functools.partial(_rnnjax, step=True),
+    "rnnjax lstm": lambda cell, shape, xs: _rnnjax("lstm", shape, xs),
 }
 TORCH_CANDIDATES = {
     "torch nn.LSTM": "LSTM",
@@ -318,7 +384,7 @@ def peers(
 
     Args:
       shapes: ``(B, T, I, H)`` tuples.
-      cells: among ``"lstm"``, ``"gru"``.
+      cells: names from :data:`ALL_CELLS` (default: the classic LSTM and GRU).
       peers: names from :data:`PEERS` (default: all of them); rnnjax is always measured.
       repeats, compile_timeout, min_sample_s, settle_s, progress: as in
         :func:`rnnjax.bench.scan_vs_unroll`.
@@ -338,8 +404,8 @@ def peers(
             raise ValueError(f"peers must be among {', '.join(PEERS)}; got {name!r}")
     cells = list(dict.fromkeys(cells))
     for cell in cells:
-        if cell not in CELLS:
-            raise ValueError(f"cells must be among {', '.join(CELLS)}; got {cell!r}")
+        if cell not in ALL_CELLS:
+            raise ValueError(f"cells must be among {', '.join(ALL_CELLS)}; got {cell!r}")
     shapes = [_check_shape(s) for s in shapes]
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")

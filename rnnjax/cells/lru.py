@@ -38,7 +38,7 @@ def _output(params, h: jax.Array, x: jax.Array) -> jax.Array:
 
 def lru(
     hidden_size: int,
-    state_size: int,
+    state_size: int | None = None,
     *,
     r_min: float = 0.0,
     r_max: float = 1.0,
@@ -47,7 +47,8 @@ def lru(
 ) -> Cell:
     """The LRU layer's recurrence, as the paper's reference code and memax's ``LRU``.
 
-    Input and output size ``H = hidden_size``, state size ``N = state_size``. Params (the
+    Input and output size ``H = hidden_size``, state size ``N = state_size`` (``None``: ``H``,
+    as memax's layer is usually built). Params (the
     reference names): ``nu_log, theta_log, gamma_log (N,)``, ``B_re, B_im (N, H)``,
     ``C_re, C_im (H, N)``, ``D (H,)``. Carry: the complex state ``h (N,)``::
 
@@ -76,6 +77,7 @@ def lru(
     ((6,), (5, 4), dtype('float32'))
     """
     check_size("lru", "hidden_size", hidden_size)
+    state_size = hidden_size if state_size is None else state_size
     check_size("lru", "state_size", state_size)
     r_min, r_max = _real("r_min", r_min), _real("r_max", r_max)
     max_phase = _real("max_phase", max_phase)

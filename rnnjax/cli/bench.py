@@ -15,8 +15,6 @@ from pathlib import Path
 from rnnjax.cli.errors import CLIError
 from rnnjax.tasks.flags import number
 
-CELLS = ("lstm", "gru", "elman")
-
 DESCRIPTION = """\
 scan-vs-unroll and peers share one method: each group of candidates (one cell and length,
 or one shape) runs in a worker process that compiles them one at a time (trace and compile
@@ -28,9 +26,10 @@ RSS. Writes OUT/SUITE.json (config, machine, versions, the command, every row) a
 OUT/SUITE.png, and prints a table.
 
   rnnjax bench scan-vs-unroll      lax.scan with unroll 1..16 and True vs a Python loop
-  rnnjax bench peers               rnnjax vs Flax linen/nnx, Equinox, PyTorch
+  rnnjax bench peers               rnnjax vs Flax linen/nnx, Equinox, PyTorch, memax, ...
   rnnjax bench memory              BPTT peak memory vs T: plain scan, per-step and sqrt remat
   rnnjax bench linear              linear_scan's backends vs T, beside the bandwidth bound
+  rnnjax bench zoo                 every cell at ~equal params: charlm bpc, tokens/s, adding
 """
 
 
@@ -40,10 +39,12 @@ def add_parser(sub) -> None:
 
     svu = importlib.import_module("rnnjax.bench.scan_vs_unroll")
     peers = importlib.import_module("rnnjax.bench.peers")
+    memory = importlib.import_module("rnnjax.bench.memory")
     settle_s = importlib.import_module("rnnjax.bench._harness").SETTLE_S
     fmt = argparse.RawDescriptionHelpFormatter
     bench = sub.add_parser(
-        "bench", help="benchmarks: scan vs unroll, rnnjax vs peers, BPTT memory, linear_scan",
+        "bench", help="benchmarks: scan vs unroll, rnnjax vs peers, BPTT memory, linear_scan, "
+        "the cell zoo",
         description=DESCRIPTION, formatter_class=fmt,
     )  # fmt: skip
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
@@ -104,7 +105,8 @@ def add_parser(sub) -> None:
 
     p = suites.add_parser(
         "peers",
-        help="rnnjax vs Flax linen and nnx, Equinox, PyTorch: forward and forward+backward",
+        help="rnnjax vs Flax linen and nnx, Equinox, PyTorch, memax, recurrentgemma: forward "
+        "and forward+backward",
         description="Per shape and cell, the same inputs through rnnjax (the reference) and each "
         "peer: forward, and forward+backward of sum(h**2) over all outputs w.r.t. all params. "
         "rnnjax/peer below 1 means rnnjax is faster. PyTorch runs in its native time-major "
@@ -118,9 +120,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--cells",
-        type=_names(peers.CELLS),
+        type=_names(peers.ALL_CELLS),
         default=peers.CELLS,
-        help="comma-separated, from lstm,gru (default: both)",
+        help=f"comma-separated, from {','.join(peers.ALL_CELLS)} (default: lstm,gru); rglru "
+        "and lru need shapes with I == H",
     )
     p.add_argument(
         "--peers",
@@ -138,7 +141,10 @@ def add_parser(sub) -> None:
         "rnnjax.scan with remat off (none), per step (step) and every k steps (an int k, or "
         "sqrt for k = round(sqrt(T))).",
     )  # fmt: skip
-    p.add_argument("--cell", choices=CELLS, default="lstm", help="the cell (default: lstm)")
+    p.add_argument(
+        "--cell", choices=memory.CELLS, default="lstm",
+        help="the cell; rglru and lru read --hidden features (default: lstm)",
+    )  # fmt: skip
     p.add_argument(
         "--lengths",
         type=_int_list,
@@ -215,6 +221,40 @@ def add_parser(sub) -> None:
     p.add_argument("--compile-timeout", type=number(float, 0.0, inclusive=False),
                    default=120.0, metavar="SECONDS",
                    help="limit on one candidate's trace + compile (default: 120)")  # fmt: skip
+    common(p)
+
+    zoo = importlib.import_module("rnnjax.bench.zoo")
+    p = suites.add_parser(
+        "zoo",
+        help="every cell at ~equal params: charlm bits per char and tokens/s, adding at T=200",
+        description="Each cell's --hidden is chosen so that its recurrent core has about the "
+        "LSTM's parameter count at --reference-hidden; then real rnnjax train runs, one after "
+        "another: charlm for --charlm-steps (held-out bpc, training tokens per second) and the "
+        "adding problem at --adding-len (the first validation step with MSE < 0.01).",
+    )  # fmt: skip
+    p.add_argument(
+        "--cells", type=_names(tuple(zoo.BY_NAME)), default=tuple(zoo.BY_NAME),
+        help=f"comma-separated, from {','.join(zoo.BY_NAME)} (default: all)",
+    )  # fmt: skip
+    for flag, default, text in (
+        ("--reference-hidden", 128, "the LSTM hidden size that sets the parameter budget"),
+        ("--charlm-steps", 600, "training steps of every charlm run"),
+        ("--adding-steps", 3000, "training steps of every adding run"),
+        ("--adding-len", 200, "T of the adding problem"),
+        ("--adding-eval-every", 100, "validation interval of the adding runs"),
+        ("--heads", 1, "--heads of rglru, slstm and mlstm"),
+    ):
+        p.add_argument(flag, type=number(int, 1), default=default, metavar="N",
+                       help=f"{text} (default: {default})")  # fmt: skip
+    p.add_argument(
+        "--seed", type=number(int, 0), default=0, help="--seed of every run (default: 0)"
+    )
+    p.add_argument("--timeout", type=number(float, 0.0, inclusive=False), default=1800.0,
+                   metavar="SECONDS", help="limit per run (default: 1800)")  # fmt: skip
+    p.add_argument(
+        "--runs-dir", type=Path, metavar="DIR",
+        help="keep the run directories there (default: a temporary directory)",
+    )  # fmt: skip
     common(p)
 
 
@@ -314,7 +354,7 @@ def main(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         raise CLIError(str(e)) from None
     skip = {"command", "suite", "json"}
-    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     command = shlex.join(
         ["rnnjax", "bench", args.suite]
         + [f"--{k.replace('_', '-')}={_flag_text(v)}" for k, v in flags.items()]
@@ -359,6 +399,17 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
             stream_floats=args.stream_floats, compile_timeout=args.compile_timeout, **timing,
         )  # fmt: skip
         plot, text = plot_linear, format_table
+    elif args.suite == "zoo":
+        from rnnjax.bench.zoo import format_table, plot_zoo, zoo
+
+        result = zoo(
+            cells=args.cells, reference_hidden=args.reference_hidden,
+            charlm_steps=args.charlm_steps, adding_steps=args.adding_steps,
+            adding_len=args.adding_len, adding_eval_every=args.adding_eval_every,
+            heads=args.heads, seed=args.seed, timeout=args.timeout, runs_dir=args.runs_dir,
+            progress=progress, command=command,
+        )  # fmt: skip
+        plot, text = plot_zoo, format_table
     else:
         try:
             from rnnjax.bench.memory import memory, plot_memory

@@ -123,7 +123,8 @@ class RNNCell(nn.RNNCellBase):
         if self.scope is not None and all(self.has_variable("params", n) for n in shapes):
             params = {n: self.get_variable("params", n) for n in shapes}
         else:
-            params = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+            params = {n: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), s)
+                      for n, s in shapes.items()}  # fmt: skip
         carry = self.cell.initial_carry(params)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (*batch, *a.shape)), carry)
 

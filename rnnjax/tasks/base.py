@@ -109,8 +109,6 @@ def make_cell(config: dict, hidden: int) -> rj.Cell:
     for key, (keyword, cells) in CELL_OPTIONS.items():
         if name in cells:
             kwargs[keyword] = config.get(key, COMMON_DEFAULTS[key])
-    if name == "lru" and kwargs["state_size"] is None:
-        kwargs["state_size"] = hidden
     if name in LOW_PRECISION_CELLS:
         kwargs["compute_dtype"] = PRECISIONS[config.get("precision", "float32")]
     try:
