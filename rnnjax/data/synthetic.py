@@ -3,6 +3,7 @@ fixed data set drawn once, of a numpy ``Generator``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,6 +20,7 @@ def adding(key: jax.Array, batch_size: int, length: int) -> tuple[jax.Array, jax
     Channel 0 holds U(0, 1) values; channel 1 marks two positions, one in each half of the
     sequence. The target is the sum of the two marked values, so a model must remember a value
     for up to T steps. Predicting 1 always scores an MSE of 1/6 (``ADDING_BASELINE_MSE``).
+    Compiled once per ``(batch_size, length)``.
 
     >>> xs, ys = adding(jax.random.key(0), 4, 10)
     >>> xs.shape, ys.shape, xs[..., 1].sum(axis=1).tolist()
@@ -26,6 +28,13 @@ def adding(key: jax.Array, batch_size: int, length: int) -> tuple[jax.Array, jax
     """
     if length < 2:
         raise ValueError(f"adding needs length >= 2 (one marker per half), got {length}")
+    return _adding(key, int(batch_size), int(length))
+
+
+# Compiled once per shape: called step by step in a training loop, the eager ops would each
+# dispatch (and first compile) on their own.
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _adding(key: jax.Array, batch_size: int, length: int) -> tuple[jax.Array, jax.Array]:
     k_v, k_a, k_b = jax.random.split(key, 3)
     values = jax.random.uniform(k_v, (batch_size, length))
     half = length // 2
@@ -59,6 +68,11 @@ def copy_memory(
             f"copy_memory needs delay, symbols and alphabet >= 1, got {delay}, {symbols}, "
             f"{alphabet}"
         )
+    return _copy_memory(key, int(batch_size), int(delay), int(symbols), int(alphabet))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _copy_memory(key, batch_size, delay, symbols, alphabet):
     data = jax.random.randint(key, (batch_size, symbols), 1, alphabet + 1)
     blanks = jnp.zeros((batch_size, delay - 1), data.dtype)
     delimiter = jnp.full((batch_size, 1), alphabet + 1, data.dtype)

@@ -206,7 +206,10 @@ def recurrent_layers(config: dict, *, causal: bool = False) -> Layer:
         else cell_layer(config)
         for _ in range(config["layers"])
     ]
-    return rj.layers.stack(*layers, dropout=config["dropout"])
+    stack = rj.layers.stack(*layers, dropout=config["dropout"])
+    # One compiled program for the init: its random draws one by one are dozens of tiny
+    # programs, each traced and compiled (about half a second of every run's start).
+    return stack._replace(init=jax.jit(stack.init, static_argnums=1))
 
 
 def recurrent_size(config: dict) -> int:
