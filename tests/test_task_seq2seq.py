@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from cli_process import finish, launch, ok, rnnjax
 
+import rnnjax as rj
 from rnnjax import cli
 from rnnjax.data.text import DataError
 from rnnjax.generate import greedy_decode
 from rnnjax.tasks import seq2seq
-from rnnjax.tasks.base import COMMON_DEFAULTS
+from rnnjax.tasks.base import COMMON_DEFAULTS, recurrent_layers
 from rnnjax.tasks.flags import generate_options
 from rnnjax.tasks.seq2seq import END_ID, PAD_ID, START_ID, VOCAB
 
@@ -141,6 +142,29 @@ def test_deep_bidirectional_encoders_bridge_into_the_decoder(tmp_path):
     assert len(leaves) == 2 * 2 + 2 * 2 * 3  # bridges (w, b); 2 layers x 2 directions x 3
     for leaf in leaves:
         assert np.isfinite(leaf).all() and np.abs(leaf).sum() > 0
+
+
+def test_deep_encoders_of_a_complex_state_start_the_decoder_from_their_mean(tmp_path):
+    """The LRU's carry is a complex state: two layers' final states are averaged, not projected
+    (no bridge params), and the gradient reaches both layers through it."""
+    cfg = config(cell="lru", layers=2)
+    task = seq2seq.build(cfg, tmp_path)
+    net = seq2seq.model(cfg)
+    assert task.params["bridge"] == net.params["bridge"] == []
+    batch = task.train_data(0)
+    source, length = batch.source[0], batch.source_len[0]
+    _, x = rj.layers.embed(VOCAB.size, seq2seq.EMBED).apply(
+        net.params["embed"], source, length=length
+    )
+    carries, _ = recurrent_layers(cfg).apply(net.params["encoder"], x, length=length)
+    carry = net.encode(net.params, source, length)
+    assert jnp.iscomplexobj(carry) and carry.shape == (cfg["hidden"],)
+    np.testing.assert_allclose(carry, (carries[0] + carries[1]) / 2, rtol=1e-6, atol=1e-6)
+    grads = jax.jit(jax.grad(lambda p: task.loss_fn(p, batch, None)[0]))(task.params)
+    for layer in grads["encoder"]:
+        leaves = jax.tree.leaves(layer)
+        assert all(np.isfinite(leaf).all() for leaf in leaves)
+        assert sum(float(np.abs(leaf).sum()) for leaf in leaves) > 0
 
 
 def test_bad_flags_and_prompts(tmp_path):

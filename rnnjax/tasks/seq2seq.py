@@ -233,23 +233,19 @@ def model(config: dict) -> Seq2Seq:
         "decoder": decoder.init(k_dec, EMBED),
         "head": head.init(k_head, H),
     }
-    # The encoder ends with one carry per layer and direction, the decoder starts from one:
-    # with several, each carry leaf (h, and c for an LSTM) is concatenated across them and
-    # projected back to H by a tanh layer of its own.
+    # The encoder ends with one carry per layer and direction, the decoder starts from one.
+    # With several, each carry leaf that is a hidden-size real vector (h, and c for an LSTM) is
+    # concatenated across them and projected back to H by a tanh layer of its own; any other
+    # leaf (the LRU's complex state, the mLSTM's matrix memory, normaliser and stabiliser) is
+    # their mean, which is a state of the same kind (a projection of an H x H memory would
+    # need H^4 weights).
     n_states = config["layers"] * (2 if config["bidirectional"] else 1)
     bridge = rj.layers.dense(H, activation=jnp.tanh)
     cell_params = params["decoder"]["rnn"] if projects else params["decoder"]
     start = cell.initial_carry(cell_params)
-    n_leaves = len(jax.tree.leaves(start))
-    if n_states > 1 and any(
-        leaf.shape != (H,) or jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(start)
-    ):
-        raise DataError(
-            f"the seq2seq task bridges several encoder states (--layers > 1 or --bidirectional) "
-            f"only for cells whose carry is made of hidden-size vectors, not {config['cell']}"
-        )
+    vectors = [leaf.shape == (H,) and not jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(start)]
     params["bridge"] = (
-        [bridge.init(k, n_states * H) for k in jax.random.split(k_bridge, n_leaves)]
+        [bridge.init(k, n_states * H) for k in jax.random.split(k_bridge, sum(vectors))]
         if n_states > 1
         else []
     )
@@ -261,13 +257,16 @@ def model(config: dict) -> Seq2Seq:
             carries = [c for pair in carries for c in pair]
         if n_states == 1:
             return carries[0]
-        joined = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *carries)
-        leaves, tree = jax.tree.flatten(joined)
-        projected = [
-            bridge.apply(p, leaf[None])[1][0]
-            for p, leaf in zip(params["bridge"], leaves, strict=True)
-        ]
-        return jax.tree.unflatten(tree, projected)
+        per_leaf = [jax.tree.leaves(c) for c in carries]
+        projections = iter(params["bridge"])
+        joined = []
+        for i, vector in enumerate(vectors):
+            leaves = [leaves[i] for leaves in per_leaf]
+            if vector:
+                joined.append(bridge.apply(next(projections), jnp.concatenate(leaves)[None])[1][0])
+            else:
+                joined.append(sum(leaves) / len(leaves))
+        return jax.tree.unflatten(jax.tree.structure(start), joined)
 
     def forward(params, source, source_len, decoder_in, decoder_len, key=None):
         k_enc, k_dec = (None, None) if key is None else jax.random.split(key)
