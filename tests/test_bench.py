@@ -329,7 +329,7 @@ def test_peers_times_the_zoo_against_memax_recurrentgemma_its_step_scan_and_the_
 
 def test_zoo_trains_each_cell_at_the_lstms_parameter_count_through_rnnjax_train(tmp_path):
     """``rnnjax bench zoo`` as a process: real rnnjax train runs (kept in --runs-dir), the
-    row's figures read back from their metrics.jsonl, the hidden size whose core is nearest
+    row's figures read back from their metrics.jsonl, the hidden size whose layer is nearest
     the LSTM's, and the commands that reproduce each run."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["bench", "zoo", "--cells", "mingru", "--reference-hidden", "6", "--charlm-steps",
@@ -345,13 +345,18 @@ def test_zoo_trains_each_cell_at_the_lstms_parameter_count_through_rnnjax_train(
     assert "--runs-dir" in result["command"] and (out / "zoo.png").read_bytes()[:8] == PNG
     rows = {r["task"]: r for r in result["results"]}
     assert sorted(rows) == ["adding", "charlm"]
+    assert rows["charlm"]["hidden"] == rows["adding"]["hidden"]
     for task, row in rows.items():
-        assert row["target_params"] == zoo_module.core_params(task, "lstm", 6)
-        assert row["core_params"] == zoo_module.core_params(task, "mingru", row["hidden"])
-        gap = abs(row["core_params"] - row["target_params"])
+        # the LSTM at 6 units reading 6 features: 4 * 6 * (6 + 6 + 1) params
+        assert row["target_params"] == zoo_module.layer_params("lstm", 6) == 312
+        assert row["layer_params"] == zoo_module.layer_params("mingru", row["hidden"])
+        assert row["layer_params"] == 2 * row["hidden"] * (row["hidden"] + 1)  # w (H, 2H), b
+        gap = abs(row["layer_params"] - row["target_params"])
         for h in (row["hidden"] - 1, row["hidden"] + 1):
-            assert gap <= abs(zoo_module.core_params(task, "mingru", h) - row["target_params"])
-        assert row["command"].startswith(f"rnnjax train --task {task} --cell mingru --hidden ")
+            assert gap <= abs(zoo_module.layer_params("mingru", h) - row["target_params"])
+        assert row["command"].startswith(
+            f"rnnjax train --task {task} --cell mingru --hidden {row['hidden']} "
+        )
         assert row["train_s"] > 0
     records = [json.loads(line) for line in (runs / "charlm-mingru/metrics.jsonl").open()]
     lm = rows["charlm"]

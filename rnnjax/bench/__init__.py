@@ -37,7 +37,7 @@ A row of scan-vs-unroll or peers: the group's fields (``cell``, ``T``; peers: ``
 
 A row of linear adds ``width``, ``bytes`` (moved by the pass), ``bandwidth_bytes_per_s``,
 ``bound_s`` and ``vs_bound`` (:mod:`rnnjax.bench.linear` has the arithmetic). A row of zoo is
-one training run (``task``, ``cell``, ``hidden``, ``core_params``, ``command``, the task's
+one training run (``task``, ``cell``, ``hidden``, ``layer_params``, ``command``, the task's
 figures: :func:`rnnjax.bench.zoo.zoo`).
 
 Note: ``rnnjax.bench.peers``, ``rnnjax.bench.linear``, ``rnnjax.bench.scan_vs_unroll`` and

@@ -9,7 +9,18 @@ import platform
 import sys
 from typing import Any
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "equinox", "rnnjax")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpy",
+    "torch",
+    "equinox",
+    "memax",
+    "recurrentgemma",
+    "rnnjax",
+)
 # Environment variables that change how fast the same program runs.
 ENV_PREFIXES = ("XLA_", "JAX_", "TF_CPP_", "OMP_", "MKL_", "OPENBLAS_", "CUDA_VISIBLE_DEVICES")
 

@@ -9,10 +9,13 @@ count, trained by ``rnnjax train`` itself on two problems.
   validation step whose MSE is below 0.01 (answering 1 scores 1/6), or ``None``: not solved
   within the steps.
 
-Each cell's ``--hidden`` is the one whose recurrent core (the cell's params, and for the cells
-that read H features the dense projection in front of it: :func:`rnnjax.tasks.base.cell_layer`)
-comes closest to the LSTM's at ``reference_hidden``; the embedding and readout around it
-differ only by that hidden size. Every run is a real ``python -m rnnjax.cli train`` process
+Each cell's ``--hidden`` is the one whose layer has about the LSTM's parameter count at
+``reference_hidden``, counted as a layer inside a stack counts them: the cell's params for an
+input of its own hidden size (:func:`layer_params`). Matching on a task's own input instead
+would let the cells without a recurrent matrix (minGRU, minLSTM, IndRNN) grow to thousands of
+units on the adding problem's 2 features. The same hidden size serves both tasks; the
+embedding, the input projection of rglru/lru and the readout around the layer differ only by
+it. Every run is a real ``python -m rnnjax.cli train`` process
 (its command is in the row), one after another, so the rates of different cells come from
 different processes: on a shared machine compare them as such.
 """
@@ -36,41 +39,37 @@ from rnnjax.cells import BY_NAME
 
 SUITE = "zoo"
 TASKS = ("charlm", "adding")
-#: The features the recurrent core reads in each task: charlm's embedding, adding's (value,
-#: marker) pairs.
-CORE_INPUT = {"charlm": 64, "adding": 2}
 #: The MSE below which the adding problem counts as solved.
 SOLVED_MSE = 0.01
 
 
-def core_params(task: str, cell: str, hidden: int, heads: int = 1) -> int:
-    """The parameter count of ``task``'s recurrent core with ``cell`` at ``hidden`` units."""
+def layer_params(cell: str, hidden: int, heads: int = 1) -> int:
+    """The parameter count of ``cell`` at ``hidden`` units reading ``hidden`` features (a layer
+    inside a stack), built as ``rnnjax train`` builds it."""
     import jax
 
-    from rnnjax import tasks
     from rnnjax.tasks import base
 
-    config = {"task": task, **base.COMMON_DEFAULTS, **tasks.module(task).DEFAULTS,
-              "cell": cell, "hidden": hidden, "heads": heads}  # fmt: skip
-    layer = base.cell_layer(config)
-    shapes = jax.eval_shape(lambda key: layer.init(key, CORE_INPUT[task]), jax.random.key(0))
+    config = {**base.COMMON_DEFAULTS, "cell": cell, "heads": heads}
+    made = base.make_cell(config, hidden)
+    shapes = jax.eval_shape(lambda key: made.init(key, hidden), jax.random.key(0))
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
 
 
-def match_hidden(task: str, cell: str, target: int, heads: int = 1) -> tuple[int, int]:
-    """``(hidden, params)``: the multiple of ``heads`` whose core is closest to ``target``
-    params (the smaller hidden on a tie)."""
+def match_hidden(cell: str, target: int, heads: int = 1) -> tuple[int, int]:
+    """``(hidden, params)``: the multiple of ``heads`` whose :func:`layer_params` is closest to
+    ``target`` (the smaller hidden on a tie)."""
     # the count grows with hidden: bisect for the first multiple of heads at or above target
     low, high = 1, 1
-    while core_params(task, cell, high * heads, heads) < target:
+    while layer_params(cell, high * heads, heads) < target:
         low, high = high, 2 * high
     while low < high:
         mid = (low + high) // 2
-        if core_params(task, cell, mid * heads, heads) < target:
+        if layer_params(cell, mid * heads, heads) < target:
             low = mid + 1
         else:
             high = mid
-    near = [(k * heads, core_params(task, cell, k * heads, heads)) for k in (high - 1, high) if k]
+    near = [(k * heads, layer_params(cell, k * heads, heads)) for k in (high - 1, high) if k]
     return min(near, key=lambda hn: abs(hn[1] - target))
 
 
@@ -128,9 +127,10 @@ def zoo(
 
     Returns:
       ``{"suite": "zoo", ..., "results": [...]}``; a row has ``task``, ``cell``, ``hidden``,
-      ``core_params``, ``command``, ``train_s`` (the process's wall time), ``steps``, and for
-      charlm ``bpc``, ``steps_per_s``, ``tokens_per_s``; for adding ``solved_at`` (a step or
-      None), ``best_mse``, ``final_mse``.
+      ``layer_params`` (and the LSTM's, ``target_params``), ``command``, ``train_s`` (the
+      process's wall time), ``steps``, and for charlm ``bpc``, ``steps_per_s``,
+      ``tokens_per_s``; for adding ``solved_at`` (a step or None), ``best_mse``,
+      ``final_mse``.
     """
     from rnnjax import tasks
 
@@ -150,13 +150,16 @@ def zoo(
     }  # fmt: skip
     say = progress or (lambda _: None)
     rows = []
+    target = layer_params("lstm", reference_hidden)
+    sizes = {}
+    for cell in cells:
+        n_heads = heads if cell in ("rglru", "slstm", "mlstm") else 1
+        sizes[cell] = (*match_hidden(cell, target, n_heads), n_heads)
     with tempfile.TemporaryDirectory(prefix="rnnjax-zoo-") as scratch:
         root = Path(runs_dir) if runs_dir is not None else Path(scratch)
         for task in TASKS:
-            target = core_params(task, "lstm", reference_hidden)
             for cell in cells:
-                n_heads = heads if cell in ("rglru", "slstm", "mlstm") else 1
-                hidden, n = match_hidden(task, cell, target, n_heads)
+                hidden, n, n_heads = sizes[cell]
                 args = [
                     "--task", task, *_flags(cell, hidden, n_heads), "--seed", str(seed),
                     "--checkpoint-every", "0",
@@ -166,12 +169,12 @@ def zoo(
                 else:
                     args += ["--steps", str(adding_steps), "--seq-len", str(adding_len),
                              "--eval-every", str(adding_eval_every)]  # fmt: skip
-                say(f"{task} {cell} (hidden {hidden}, {n} core params)")
+                say(f"{task} {cell} (hidden {hidden}, {n} layer params)")
                 records, seconds, shown = _train(args, root / f"{task}-{cell}", timeout)
                 train = [r for r in records if r["split"] == "train"]
                 val = [r for r in records if r["split"] == "val"]
                 row = {"task": task, "cell": cell, "hidden": hidden, "heads": n_heads,
-                       "core_params": n, "target_params": target, "command": shown,
+                       "layer_params": n, "target_params": target, "command": shown,
                        "train_s": seconds, "steps": train[-1]["step"]}  # fmt: skip
                 if task == "charlm":
                     rates = [r["steps_per_s"] for r in train[1:]] or [train[-1]["steps_per_s"]]
@@ -188,8 +191,9 @@ def zoo(
                     row["final_mse"] = val[-1]["mse"]
                 rows.append(row)
     method = {
-        "params": "each cell's --hidden brings its recurrent core (cell, plus the input "
-        "projection of rglru/lru) closest to the LSTM's at reference_hidden",
+        "params": "each cell's --hidden brings its layer's params (the cell reading hidden "
+        "features, as inside a stack) closest to the LSTM's at reference_hidden; the same "
+        "hidden for both tasks",
         "tokens_per_s": "batch_size * seq_len * the median steps/s of the run's train records "
         "after the first (which holds the compilation)",
         "solved_at": f"the first validation step with MSE < {SOLVED_MSE}",
@@ -209,18 +213,16 @@ def format_table(result: dict[str, Any]) -> str:
     lines = []
     for cell in cells:
         lm, add = by.get(("charlm", cell)), by.get(("adding", cell))
-        line = [cell]
-        line += [f"{lm['hidden']} / {lm['core_params']:,}", f"{lm['bpc']:.3f}",
-                 f"{lm['tokens_per_s']:,.0f}"] if lm else ["-"] * 3  # fmt: skip
+        size = lm or add
+        line = [cell, f"{size['hidden']} / {size['layer_params']:,}"]
+        line += [f"{lm['bpc']:.3f}", f"{lm['tokens_per_s']:,.0f}"] if lm else ["-"] * 2
         if add:
             solved = add["solved_at"]
-            steps = f"{solved:,}" if solved else f"not solved ({add['best_mse']:.3g})"
-            line += [f"{add['hidden']} / {add['core_params']:,}", steps]
+            line.append(f"{solved:,}" if solved else f"not solved ({add['best_mse']:.3g})")
         else:
-            line += ["-"] * 2
+            line.append("-")
         lines.append(line)
-    header = ["cell", "charlm H / core params", f"bpc @ {config['charlm_steps']} steps",
-              "tokens/s", "adding H / core params",
+    header = ["cell", "H / layer params", f"bpc @ {config['charlm_steps']} steps", "tokens/s",
               f"steps to MSE<{SOLVED_MSE} (T={config['adding_len']})"]  # fmt: skip
     return _harness.table(header, lines)
 

@@ -227,8 +227,9 @@ def add_parser(sub) -> None:
     p = suites.add_parser(
         "zoo",
         help="every cell at ~equal params: charlm bits per char and tokens/s, adding at T=200",
-        description="Each cell's --hidden is chosen so that its recurrent core has about the "
-        "LSTM's parameter count at --reference-hidden; then real rnnjax train runs, one after "
+        description="Each cell's --hidden is chosen so that its layer (reading hidden-size "
+        "inputs, as inside a stack) has about the LSTM's parameter count at "
+        "--reference-hidden; then real rnnjax train runs, one after "
         "another: charlm for --charlm-steps (held-out bpc, training tokens per second) and the "
         "adding problem at --adding-len (the first validation step with MSE < 0.01).",
     )  # fmt: skip
