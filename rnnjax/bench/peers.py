@@ -27,7 +27,8 @@ forward+backward (``sum(h ** 2)`` over all outputs, gradients with respect to al
   ``lru``, ``recurrentgemma``'s ``RGLRU`` (Flax linen, its default scan, positions from 0) for
   ``rglru``; ``rnnjax-step``: the ``lax.scan`` of the cell's ``step`` (``sequence=None``)
   against the cell's parallel form; ``rnnjax-lstm``: rnnjax's LSTM at the same shape, timed in
-  the same worker, so that every cell's ratio to the classic LSTM is taken in one process.
+  the same worker, so that every other cell's ratio to the classic LSTM is taken in one process
+  (not for the default cells, LSTM and GRU, which the other peers are about).
   ``rglru`` and ``lru`` read H features: they need a shape with ``I == H`` (other shapes are
   reported "unavailable").
 
@@ -110,7 +111,7 @@ PEERS: dict[str, Peer] = {
     "rnnjax-step": Peer(
         "rnnjax", {c: ("rnnjax step",) for c in ("mingru", "minlstm", "rglru", "lru", "mlstm")}
     ),
-    "rnnjax-lstm": Peer("rnnjax", {c: ("rnnjax lstm",) for c in ALL_CELLS if c != "lstm"}),
+    "rnnjax-lstm": Peer("rnnjax", {c: ("rnnjax lstm",) for c in ALL_CELLS if c not in CELLS}),
 }
 
 

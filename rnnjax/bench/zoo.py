@@ -99,6 +99,7 @@ def _flags(cell: str, hidden: int, heads: int) -> list[str]:
 def zoo(
     *,
     cells: Sequence[str] = tuple(BY_NAME),
+    tasks: Sequence[str] = TASKS,
     reference_hidden: int = 128,
     charlm_steps: int = 600,
     adding_steps: int = 3000,
@@ -116,6 +117,7 @@ def zoo(
 
     Args:
       cells: names from :data:`rnnjax.cells.BY_NAME`.
+      tasks: among ``"charlm"`` and ``"adding"`` (default: both).
       reference_hidden: the LSTM's hidden size that sets each task's parameter budget.
       charlm_steps, adding_steps: training steps per run; adding_len: the adding problem's T;
         adding_eval_every: validation interval of the adding runs (the resolution of
@@ -132,9 +134,12 @@ def zoo(
       ``tokens_per_s``; for adding ``solved_at`` (a step or None), ``best_mse``,
       ``final_mse``.
     """
-    from rnnjax import tasks
+    from rnnjax import tasks as task_modules
 
-    cells = list(dict.fromkeys(cells))
+    cells, tasks = list(dict.fromkeys(cells)), list(dict.fromkeys(tasks))
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"tasks must be among {', '.join(TASKS)}; got {task!r}")
     for cell in cells:
         if cell not in BY_NAME:
             raise ValueError(f"cells must be among {', '.join(BY_NAME)}; got {cell!r}")
@@ -144,8 +149,8 @@ def zoo(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     config = {
-        "cells": cells, "reference_hidden": reference_hidden, "charlm_steps": charlm_steps,
-        "adding_steps": adding_steps, "adding_len": adding_len,
+        "cells": cells, "tasks": tasks, "reference_hidden": reference_hidden,
+        "charlm_steps": charlm_steps, "adding_steps": adding_steps, "adding_len": adding_len,
         "adding_eval_every": adding_eval_every, "heads": heads, "seed": seed, "timeout": timeout,
     }  # fmt: skip
     say = progress or (lambda _: None)
@@ -157,7 +162,7 @@ def zoo(
         sizes[cell] = (*match_hidden(cell, target, n_heads), n_heads)
     with tempfile.TemporaryDirectory(prefix="rnnjax-zoo-") as scratch:
         root = Path(runs_dir) if runs_dir is not None else Path(scratch)
-        for task in TASKS:
+        for task in tasks:
             for cell in cells:
                 hidden, n, n_heads = sizes[cell]
                 args = [
@@ -179,7 +184,7 @@ def zoo(
                 if task == "charlm":
                     rates = [r["steps_per_s"] for r in train[1:]] or [train[-1]["steps_per_s"]]
                     row["steps_per_s"] = statistics.median(rates)
-                    defaults = tasks.module(task).DEFAULTS
+                    defaults = task_modules.module(task).DEFAULTS
                     row["tokens_per_s"] = (
                         row["steps_per_s"] * defaults["batch_size"] * defaults["seq_len"]
                     )
@@ -234,6 +239,8 @@ def plot_zoo(result: dict[str, Any], path: str | Path) -> None:
     rows = [r for r in result["results"] if r["task"] == "charlm"]
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
+    if not rows:
+        ax.text(0.5, 0.5, "no charlm runs", ha="center", va="center", transform=ax.transAxes)
     for r in rows:
         ax.scatter(r["tokens_per_s"], r["bpc"])
         ax.annotate(r["cell"], (r["tokens_per_s"], r["bpc"]), fontsize=8,

@@ -237,6 +237,10 @@ def add_parser(sub) -> None:
         "--cells", type=_names(tuple(zoo.BY_NAME)), default=tuple(zoo.BY_NAME),
         help=f"comma-separated, from {','.join(zoo.BY_NAME)} (default: all)",
     )  # fmt: skip
+    p.add_argument(
+        "--tasks", type=_names(zoo.TASKS), default=zoo.TASKS,
+        help=f"comma-separated, from {','.join(zoo.TASKS)} (default: both)",
+    )  # fmt: skip
     for flag, default, text in (
         ("--reference-hidden", 128, "the LSTM hidden size that sets the parameter budget"),
         ("--charlm-steps", 600, "training steps of every charlm run"),
@@ -404,7 +408,7 @@ def _bench(args: argparse.Namespace, command: str, progress) -> int:
         from rnnjax.bench.zoo import format_table, plot_zoo, zoo
 
         result = zoo(
-            cells=args.cells, reference_hidden=args.reference_hidden,
+            cells=args.cells, tasks=args.tasks, reference_hidden=args.reference_hidden,
             charlm_steps=args.charlm_steps, adding_steps=args.adding_steps,
             adding_len=args.adding_len, adding_eval_every=args.adding_eval_every,
             heads=args.heads, seed=args.seed, timeout=args.timeout, runs_dir=args.runs_dir,
