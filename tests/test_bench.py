@@ -357,6 +357,7 @@ def test_zoo_trains_each_cell_at_the_lstms_parameter_count_through_rnnjax_train(
             f"rnnjax train --task {task} --cell mingru --hidden {row['hidden']} "
         )
         assert row["train_s"] > 0
+    assert rows["adding"]["command"].endswith("--stop-at 0.01")
     records = [json.loads(line) for line in (runs / "charlm-mingru/metrics.jsonl").open()]
     lm = rows["charlm"]
     assert lm["steps"] == 3 and lm["bpc"] == [r for r in records if r["split"] == "val"][-1]["bpc"]

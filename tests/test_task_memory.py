@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_process import rows, train_evaluate_resume
+from cli_process import ok, rnnjax, rows, train_evaluate_resume
 
 from rnnjax import cli
 from rnnjax.data.synthetic import ADDING_BASELINE_MSE, adding, copy_baseline, copy_memory
@@ -100,7 +100,28 @@ def test_cli_tbptt_is_one_line_exit_2(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_stop_at_that_is_not_a_finite_number_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "adding", "--stop-at", "nan", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stop-at: expected a finite number, got 'nan'" in err[0]
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- the real CLI
+
+
+def test_stop_at_ends_the_run_once_the_metric_reaches_it(tmp_path):
+    """copy's metric is an accuracy (higher is better): any accuracy reaches --stop-at 0, so the
+    run stops at its first validation, and says so; the rule is saved with the run."""
+    out = tmp_path / "run"
+    args = ["--task", "copy", *TINY, "--steps", "50", "--eval-every", "3", "--stop-at", "0"]
+    printed = ok(rnnjax("train", *args, "--checkpoint-every", "0", "--out", out, cache=tmp_path))
+    assert "stopped early: validation accuracy reached --stop-at 0" in printed
+    lines = rows(out / "metrics.jsonl")
+    assert [r["step"] for r in lines if r["split"] == "val"] == [3]
+    assert max(r["step"] for r in lines) == 3
+    assert json.loads((out / "config.json").read_text())["stop_at"] == 0.0
 
 
 def run_task(task, root):

@@ -6,8 +6,8 @@ count, trained by ``rnnjax train`` itself on two problems.
   (``batch_size * seq_len`` tokens per step, the median rate of the run's ``train`` records
   after the first, which holds the compilation).
 - ``adding``: the adding problem at ``--seq-len 200`` (Hochreiter & Schmidhuber 1997); the first
-  validation step whose MSE is below 0.01 (answering 1 scores 1/6), or ``None``: not solved
-  within the steps.
+  validation step whose MSE is below 0.01 (answering 1 scores 1/6), where the run stops
+  (``--stop-at``), or ``None``: not solved within the steps.
 
 Each cell's ``--hidden`` is the one whose layer has about the LSTM's parameter count at
 ``reference_hidden``, counted as a layer inside a stack counts them: the cell's params for an
@@ -172,8 +172,10 @@ def zoo(
                 if task == "charlm":
                     args += ["--steps", str(charlm_steps), "--eval-every", "0"]
                 else:
+                    # a solved run stops there (--stop-at): the steps after it tell nothing
                     args += ["--steps", str(adding_steps), "--seq-len", str(adding_len),
-                             "--eval-every", str(adding_eval_every)]  # fmt: skip
+                             "--eval-every", str(adding_eval_every),
+                             "--stop-at", str(SOLVED_MSE)]  # fmt: skip
                 say(f"{task} {cell} (hidden {hidden}, {n} layer params)")
                 records, seconds, shown = _train(args, root / f"{task}-{cell}", timeout)
                 train = [r for r in records if r["split"] == "train"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -23,7 +24,9 @@ from rnnjax.cli.errors import CLIError, Parser
 from rnnjax.tasks.flags import add_flags, number, rate
 
 # Flags a resumed run may change; every other flag describes the model or its data.
-RESUMABLE = ("steps", "checkpoint_every", "eval_every", "precision")
+#: Task metrics for which larger is better (``--stop-at`` waits for them to rise).
+HIGHER_IS_BETTER = ("accuracy", "exact_match")
+RESUMABLE = ("steps", "checkpoint_every", "eval_every", "precision", "stop_at")
 EPILOG = """\
 The defaults shown are those of the task the flags name (charlm when none); another task may set
 its own. rnnjax train --task NAME --help shows the defaults and own flags of task NAME, and
@@ -132,6 +135,9 @@ def add_parser(sub, task: str) -> None:
     flag(g, "--clip", "global gradient-norm clip; 0 is off", type=number(float, 0.0),
          metavar="NORM")  # fmt: skip
     flag(g, "--seed", "seeds the params, the data and dropout", type=number(int, 0))
+    flag(g, "--stop-at", "stop once the task's metric on validation reaches this value (at or "
+         "below it; at or above for accuracy), checked every --eval-every steps",
+         type=_finite, metavar="VALUE")  # fmt: skip
     g = p.add_argument_group("run directory")
     g.add_argument(
         "--out", type=Path, metavar="DIR",
@@ -151,6 +157,16 @@ def add_parser(sub, task: str) -> None:
     )
     add_flags(p, task, "train")
     p.set_defaults(flags_of=task)  # which task's flags these are, for the error messages
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def config_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,19 +242,23 @@ def main(args: argparse.Namespace) -> int:
         raise
     (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    from rnnjax.train import TrainingDiverged, fit
+    from rnnjax.train import EarlyStopping, TrainingDiverged, fit
 
     state, optimizer = runs.initial_state(task, config)
     step = task.make_step(optimizer, config["clip"] or None)
     print(f"rnnjax train: task {config['task']}, {config['cell']} x{config['layers']} "
           f"hidden {config['hidden']}, {config['steps']} steps -> {run}", flush=True)  # fmt: skip
+    stop = None
+    if config.get("stop_at") is not None:
+        mode = "max" if task.metric in HIGHER_IS_BETTER else "min"
+        stop = EarlyStopping(patience=None, metric=task.metric, mode=mode, target=config["stop_at"])
     started = time.perf_counter()
     try:
         result = fit(
             step, state, task.train_data, steps=config["steps"], eval_fn=task.evaluate,
             eval_every=config["eval_every"], out_dir=run,
             checkpoint_every=config["checkpoint_every"], resume=args.resume,
-            progress=not args.no_progress,
+            progress=not args.no_progress, early_stopping=stop,
         )  # fmt: skip
     except TrainingDiverged as e:
         print(f"rnnjax train: stopped: {e}", file=sys.stderr)
@@ -251,6 +271,8 @@ def main(args: argparse.Namespace) -> int:
     val = task.evaluate(result.state.params)
     summary = ", ".join(f"{k} {float(v):.4f}" for k, v in val.items())
     print(f"trained to step {int(result.state.step)} in {elapsed:.0f} s; validation: {summary}")
+    if result.stopped == "early_stopping":
+        print(f"stopped early: validation {task.metric} reached --stop-at {config['stop_at']:g}")
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with a non-finite loss or gradient")
     for line in task.report(result.state.params, run):

@@ -42,6 +42,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "data": None,
     "checkpoint_every": 250,
     "eval_every": 250,
+    "stop_at": None,  # stop once the task's validation metric reaches this value
     # the cell options (CELL_OPTIONS): the factories' defaults; state_size None is --hidden
     "heads": 1,
     "state_size": None,

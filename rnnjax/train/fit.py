@@ -29,27 +29,41 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class EarlyStopping:
-    """Stop when a validation metric has not improved for ``patience`` evaluations.
+    """Stop when a validation metric has not improved for ``patience`` evaluations, or once it
+    reaches ``target`` (at or below it for ``mode="min"``, at or above for ``"max"``); either
+    rule may be None, not both.
 
     >>> stop = EarlyStopping(patience=2, metric="loss")
     >>> [stop.update(v, step) for step, v in enumerate([3.0, 2.0, 2.5, 2.1])]
     [True, True, False, False]
     >>> stop.should_stop, stop.best, stop.best_step
     (True, 2.0, 1)
+    >>> solved = EarlyStopping(patience=None, metric="mse", target=0.01)
+    >>> [(solved.update(v, step), solved.should_stop) for step, v in enumerate([0.2, 0.01])]
+    [(True, False), (True, True)]
     """
 
-    patience: int
+    patience: int | None
     metric: str = "loss"
     mode: str = "min"
     min_delta: float = 0.0
+    target: float | None = None
     best: float | None = None
     best_step: int | None = None
     waited: int = 0
+    reached: bool = False
 
     def __post_init__(self):
         check_option("EarlyStopping mode", self.mode, ("min", "max"))
-        if not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"EarlyStopping expects patience >= 1, got {self.patience!r}")
+        patience = self.patience
+        if patience is not None and (
+            isinstance(patience, bool) or not isinstance(patience, int) or patience < 1
+        ):
+            raise ValueError(f"EarlyStopping expects patience >= 1 or None, got {self.patience!r}")
+        if self.target is not None and not math.isfinite(self.target):
+            raise ValueError(f"EarlyStopping expects a finite target, got {self.target!r}")
+        if self.patience is None and self.target is None:
+            raise ValueError("EarlyStopping needs a patience, a target or both; got neither")
 
     def update(self, value: float, step: int) -> bool:
         """Record one evaluation; True if it is a new best."""
@@ -60,11 +74,13 @@ class EarlyStopping:
             self.best, self.best_step, self.waited = value, step, 0
         else:
             self.waited += 1
+        if self.target is not None and sign * (value - self.target) <= 0:
+            self.reached = True
         return improved
 
     @property
     def should_stop(self) -> bool:
-        return self.waited >= self.patience
+        return self.reached or (self.patience is not None and self.waited >= self.patience)
 
 
 @dataclass
@@ -183,8 +199,10 @@ def fit(
         extra = ckpt.restore_extra() or {}
         skipped = extra.get("skipped_steps", 0)
         if early_stopping is not None and extra.get("early_stopping"):
+            # the progress comes back; the rule (patience, target, metric) is the caller's
             for name, value in extra["early_stopping"].items():
-                setattr(early_stopping, name, value)
+                if name in ("best", "best_step", "waited", "reached"):
+                    setattr(early_stopping, name, value)
         event({"event": "resume", "step": int(state.step)})
 
     def save(val: dict | None) -> None:
