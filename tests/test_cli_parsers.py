@@ -108,7 +108,7 @@ def test_train_help_groups_its_flags(capsys):
         "model": ["--cell", "--hidden", "--layers", "--bidirectional", "--dropout",
                   "--recurrent-dropout", "--precision", "--heads", "--state-size",
                   "--layer-norm", "--peephole", "--log-space"],
-        "optimisation": ["--steps", "--batch-size", "--lr", "--clip", "--seed"],
+        "optimisation": ["--steps", "--batch-size", "--lr", "--clip", "--seed", "--stop-at"],
         "run directory": ["--out", "--resume", "--checkpoint-every", "--eval-every",
                           "--no-progress"],
         "charlm task": ["--tbptt"],
