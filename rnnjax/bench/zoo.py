@@ -135,6 +135,7 @@ def zoo(
       ``final_mse``.
     """
     from rnnjax import tasks as task_modules
+    from rnnjax.tasks.base import CELL_OPTIONS
 
     cells, tasks = list(dict.fromkeys(cells)), list(dict.fromkeys(tasks))
     for task in tasks:
@@ -158,7 +159,7 @@ def zoo(
     target = layer_params("lstm", reference_hidden)
     sizes = {}
     for cell in cells:
-        n_heads = heads if cell in ("rglru", "slstm", "mlstm") else 1
+        n_heads = heads if cell in CELL_OPTIONS["heads"][1] else 1
         sizes[cell] = (*match_hidden(cell, target, n_heads), n_heads)
     with tempfile.TemporaryDirectory(prefix="rnnjax-zoo-") as scratch:
         root = Path(runs_dir) if runs_dir is not None else Path(scratch)
