@@ -229,7 +229,7 @@ def stored_by_the_cell(cell, remat):
         jax.ad_checkpoint.print_saved_residuals(
             lambda p: jnp.sum(rj.scan(cell, p, xs[0], remat=remat)[1] ** 2), params
         )
-    shapes = re.findall(r"f32\[([\d,]*)\] output of .*rnnjax/cells/", out.getvalue())
+    shapes = re.findall(r"f32\[([\d,]*)\] output of .*rnnjax/(?:cells|_native)/", out.getvalue())
     return sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
 
 
@@ -238,7 +238,8 @@ def test_remat_stores_only_the_projection(variant):
     cell = VARIANTS[variant]()
     width = 2 * H if variant.startswith("mingru") else 3 * H
     assert stored_by_the_cell(cell, True) == T * width + H  # x W + b, and the zero carry
-    assert stored_by_the_cell(cell, False) > stored_by_the_cell(cell, True) + T * H
+    # Without remat at least every step's h too (the fused native pass stores nothing else).
+    assert stored_by_the_cell(cell, False) >= stored_by_the_cell(cell, True) + T * H
 
 
 def test_param_layout_init_and_dtype():

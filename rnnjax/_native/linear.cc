@@ -30,13 +30,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#include "rnn_cpu.h"
+#include "strided.h"
 
 namespace rnnjax {
 namespace {
@@ -110,87 +111,24 @@ inline void Product(const float* x, const float* y, float* out, int64_t n) {
 #endif
 }
 
-// An operand of shape (batch..., [T,] N): where each batch row starts (its batch dimensions of 1
-// are broadcast), and how far apart its steps are.
-struct Operand {
-  const float* data;
-  std::vector<int64_t> stride;  // floats per batch index, per output batch dimension (0: bcast)
-  int64_t row(const std::vector<int64_t>& shape, int64_t flat) const {
-    int64_t at = 0;
-    for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
-      at += (flat % shape[d]) * stride[d];
-      flat /= shape[d];
-    }
-    return at;
-  }
-};
-
-// The shape of a call: batch dimensions, B rows in all, T steps of N floats (2 per complex).
-// The reset flags of one batch row: (T,) bytes, or none.
-struct Flags {
-  const uint8_t* data = nullptr;
-  std::vector<int64_t> stride;  // bytes per batch index, per output batch dimension (0: bcast)
-  const uint8_t* row(const std::vector<int64_t>& shape, int64_t flat) const {
-    int64_t at = 0;
-    for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
-      at += (flat % shape[d]) * stride[d];
-      flat /= shape[d];
-    }
-    return data + at;
-  }
-};
-
-struct Shape {
-  std::vector<int64_t> batch;
-  int64_t B = 1, T = 0, N = 0;
-};
-
 ffi::Error Invalid(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "rnnjax linear recurrence: " + what);
 }
 
-// The output `h` (..., T, N) fixes the shape; `x` must be (..., T, N) (`per_step`) or (..., N),
-// each batch dimension the output's or 1, of the output's dtype.
+// `x` must be (..., T, N) (`per_step`) or (..., N) of the output's shape and dtype.
 ffi::Error Bind(const ffi::AnyBuffer& x, bool per_step, const Shape& s, ffi::DataType dtype,
                 const char* name, Operand* op) {
-  auto d = x.dimensions();
-  const size_t want = s.batch.size() + (per_step ? 2 : 1);
   if (x.element_type() != dtype) return Invalid(std::string(name) + " has another dtype");
-  if (d.size() != want || d[d.size() - 1] * (dtype == ffi::C64 ? 2 : 1) != s.N ||
-      (per_step && d[d.size() - 2] != s.T)) {
-    return Invalid(std::string(name) + " does not match the output's shape (..., T, N)");
-  }
-  const int64_t row = per_step ? s.T * s.N : s.N;
-  op->data = static_cast<const float*>(x.untyped_data());
-  op->stride.assign(s.batch.size(), 0);
-  int64_t step = row;
-  for (int64_t k = static_cast<int64_t>(s.batch.size()) - 1; k >= 0; --k) {
-    if (d[k] != s.batch[k] && d[k] != 1) {
-      return Invalid(std::string(name) + "'s batch dimensions are neither the output's nor 1");
-    }
-    op->stride[k] = d[k] == 1 ? 0 : step;
-    step *= d[k];
-  }
-  return ffi::Error::Success();
+  const std::vector<int64_t> tail = per_step ? std::vector<int64_t>{s.T, s.N}
+                                             : std::vector<int64_t>{s.N};
+  const std::string why = BindStrided(x, s.batch, tail, dtype == ffi::C64 ? 2 : 1, name, op);
+  return why.empty() ? ffi::Error::Success() : Invalid(why + " (..., T, N)");
 }
 
 ffi::Error BindFlags(const ffi::AnyBuffer& x, const Shape& s, Flags* op) {
-  auto d = x.dimensions();
   if (x.element_type() != ffi::PRED) return Invalid("reset must be bool");
-  if (d.size() != s.batch.size() + 1 || d[d.size() - 1] != s.T) {
-    return Invalid("reset does not match the output's shape (..., T)");
-  }
-  op->data = static_cast<const uint8_t*>(x.untyped_data());
-  op->stride.assign(s.batch.size(), 0);
-  int64_t step = s.T;
-  for (int64_t k = static_cast<int64_t>(s.batch.size()) - 1; k >= 0; --k) {
-    if (d[k] != s.batch[k] && d[k] != 1) {
-      return Invalid("reset's batch dimensions are neither the output's nor 1");
-    }
-    op->stride[k] = d[k] == 1 ? 0 : step;
-    step *= d[k];
-  }
-  return ffi::Error::Success();
+  const std::string why = BindStrided(x, s.batch, {s.T}, 1, "reset", op);
+  return why.empty() ? ffi::Error::Success() : Invalid(why + " (..., T)");
 }
 
 ffi::Error ShapeOf(const ffi::AnyBuffer& h_like, ffi::DataType dtype, Shape* s) {
@@ -219,9 +157,9 @@ template <bool kComplex>
 void Forward(const Shape& s, bool reverse, const Operand& a, const Operand& b,
              const Operand& h0, const Flags& reset, float* h) {
   ForEachBlock(s, [&](int64_t row, int64_t begin, int64_t end) {
-    const float* ar = a.data + a.row(s.batch, row) + begin;
-    const float* br = b.data + b.row(s.batch, row) + begin;
-    const float* prev = h0.data + h0.row(s.batch, row) + begin;
+    const float* ar = a.row(s.batch, row) + begin;
+    const float* br = b.row(s.batch, row) + begin;
+    const float* prev = h0.row(s.batch, row) + begin;
     const uint8_t* rr = reset.row(s.batch, row);
     float* hr = h + row * s.T * s.N + begin;
     for (int64_t step = 0; step < s.T; ++step) {
@@ -243,10 +181,10 @@ void Backward(const Shape& s, bool reverse, const Operand& a, const Operand& h,
               float* dh0) {
   ForEachBlock(s, [&](int64_t row, int64_t begin, int64_t end) {
     const int64_t n = end - begin;
-    const float* ar = a.data + a.row(s.batch, row) + begin;
-    const float* hr = h.data + h.row(s.batch, row) + begin;
-    const float* gr = g.data + g.row(s.batch, row) + begin;
-    const float* h_first = h0.data + h0.row(s.batch, row) + begin;
+    const float* ar = a.row(s.batch, row) + begin;
+    const float* hr = h.row(s.batch, row) + begin;
+    const float* gr = g.row(s.batch, row) + begin;
+    const float* h_first = h0.row(s.batch, row) + begin;
     float* dar = da + row * s.T * s.N + begin;
     float* dbr = db + row * s.T * s.N + begin;
     float* dh0r = dh0 + row * s.N + begin;
@@ -280,11 +218,6 @@ void Backward(const Shape& s, bool reverse, const Operand& a, const Operand& h,
       Product<kComplex>(ar + pos(0), lam_next, dh0r, n);
     }
   });
-}
-
-float* Out(ffi::Result<ffi::AnyBuffer>& x) {
-  HugePages(x->untyped_data(), x->size_bytes());
-  return static_cast<float*>(x->untyped_data());
 }
 
 ffi::Error LinearForwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer h0,

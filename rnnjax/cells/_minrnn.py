@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from rnnjax import linear
-from rnnjax.cells._common import check_size, gate_blocks
+from rnnjax._native import minrnn
+from rnnjax.cells._common import check_size, gate_blocks, native_matmul_runs, sequence_matmul
 from rnnjax.core import Cell, check_option, check_step_input
 
 # (T, kH) projection x W + b -> (a, b), or (log a, log b) in the log-space form.
@@ -98,8 +99,26 @@ def check_log_space(cell_name: str, log_space, scan_mode) -> None:
         )
 
 
+def _fused_mode(scan_mode: str, xs, carry) -> bool:
+    """Whether the fused native pass stands in for ``linear_scan``: its mode resolves to
+    ``"native"`` (``"auto"`` on CPU with the kernels, or ``"native"`` asked for)."""
+    return linear.resolve_mode(scan_mode, xs.shape[0], carry.shape[-1], xs.dtype) == "native"
+
+
+def fused_recurrence(fused, bias, proj, h0, real, reset, *, reverse):
+    """``fused(proj, bias, h0, reset, keep, reverse=)``: a cell's gates and recurrence in one
+    native pass (minGRU: :func:`rnnjax._native.minrnn.mingru_scan`)."""
+    return fused(proj, bias, h0, reset, real, reverse=reverse)
+
+
 def parallel_sequence(
-    cell_name: str, plain: Coefficients, logs: Coefficients, *, log_space: bool, scan_mode: str
+    cell_name: str,
+    plain: Coefficients,
+    logs: Coefficients,
+    *,
+    log_space: bool,
+    scan_mode: str,
+    fused: Callable | None = None,
 ):
     """A cell's ``sequence``: the projection ``x W + b`` of every step in one matmul, then
     ``plain``'s coefficients through :func:`rnnjax.linear_scan` (``mode=scan_mode``) or, with
@@ -109,7 +128,11 @@ def parallel_sequence(
     before the matmul, so what they hold reaches no derivative. ``reset`` flags zero the carry
     (``initial_carry`` is zeros). ``remat`` (any mode: there are no per-step carries to
     checkpoint) stores only the projection, ``(T, kH)``, and recomputes the gates and the
-    recurrence's forward pass in the backward pass."""
+    recurrence's forward pass in the backward pass.
+
+    On CPU, float32, with the native kernels: the projection runs on their sgemm, and where a
+    cell has a ``fused`` pass (minGRU) and ``linear_scan``'s mode resolves to ``"native"``, the
+    gates and the recurrence run as that one pass, which never writes the coefficients."""
 
     def recurrence(proj, h0, real, reset, *, reverse):
         keep = None if real is None else real[:, None]
@@ -136,10 +159,16 @@ def parallel_sequence(
             )
         if real is not None:
             xs = jnp.where(real[:, None], xs, jnp.zeros_like(xs))
-        proj = xs @ params["w"] + params["b"]
+        w, bias = params["w"], params["b"]
+        native = native_matmul_runs(xs, w)
         if xs.shape[0] == 0:
-            return carry, proj[:, : carry.shape[0]]
-        run = functools.partial(recurrence, reverse=bool(reverse))
+            return carry, (xs @ w + bias)[:, : carry.shape[0]]
+        if fused is not None and native and not log_space and _fused_mode(scan_mode, xs, carry):
+            proj = minrnn.matmul(xs, w)  # the bias is added inside the fused pass
+            run = functools.partial(fused_recurrence, fused, bias, reverse=bool(reverse))
+        else:
+            proj = sequence_matmul(xs, w) + bias
+            run = functools.partial(recurrence, reverse=bool(reverse))
         if remat is not False:
             run = jax.checkpoint(run)
         h = run(proj, carry, real, reset)
@@ -151,7 +180,7 @@ def parallel_sequence(
 
 def min_cell(cell_name: str, hidden_size: int, blocks: int, plain: Coefficients,
              logs: Coefficients, *, log_space: bool, scan_mode: str, input_init, bias_init,
-             dtype) -> Cell:  # fmt: skip
+             dtype, fused: Callable | None = None) -> Cell:  # fmt: skip
     """The Cell of minGRU (``blocks=2``) and minLSTM (``blocks=3``): params ``w (I, blocks*H)``
     and ``b (blocks*H,)``, a zero carry ``(H,)``, a step ``h = a h + b`` with ``(a, b) =
     plain(x W + b)``, and :func:`parallel_sequence`."""
@@ -176,5 +205,7 @@ def min_cell(cell_name: str, hidden_size: int, blocks: int, plain: Coefficients,
             h = a * h + b
         return h, h
 
-    sequence = parallel_sequence(cell_name, plain, logs, log_space=log_space, scan_mode=scan_mode)
+    sequence = parallel_sequence(
+        cell_name, plain, logs, log_space=log_space, scan_mode=scan_mode, fused=fused
+    )
     return Cell(init, initial_carry, step, sequence)

@@ -14,6 +14,7 @@ from rnnjax.cells._common import (
     default_bias_init,
     default_input_init,
     gate_blocks,
+    sequence_matmul,
 )
 from rnnjax.cells.elman import ACTIVATIONS
 from rnnjax.core import Cell, check_option, check_step_input
@@ -113,7 +114,7 @@ def indrnn(
             # Zeroed before the matmul so that padding (NaN included) reaches no derivative.
             xs = jnp.where(real[:, None], xs, jnp.zeros_like(xs))
         with jax.named_scope("indrnn"):
-            projected = xs @ params["w"] + params["b"]
+            projected = sequence_matmul(xs, params["w"]) + params["b"]
 
             def elementwise(params, h, v):
                 return recur(params, h, v, recurrent_mask)

@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells._common import check_size, decay_sequence
+from rnnjax.cells._common import check_size, decay_sequence, sequence_matmul
 from rnnjax.core import Cell, check_step_input
 from rnnjax.linear import linear_scan
 
@@ -24,16 +24,16 @@ def _lambda(params) -> jax.Array:
     return jnp.exp(jax.lax.complex(-jnp.exp(params["nu_log"]), jnp.exp(params["theta_log"])))
 
 
-def _input(params, x: jax.Array) -> jax.Array:
+def _input(params, x: jax.Array, mm=jnp.matmul) -> jax.Array:
     """``(B exp(gamma_log)) x`` for ``x (..., H)``: ``(..., N)`` complex. Written as two real
-    matmuls (half the work of a complex one with a real operand), the rows' scale after."""
+    matmuls ``mm`` (half the work of a complex one with a real operand), the rows' scale after."""
     scale = jnp.exp(params["gamma_log"])
-    return jax.lax.complex((x @ params["B_re"].T) * scale, (x @ params["B_im"].T) * scale)
+    return jax.lax.complex(mm(x, params["B_re"].T) * scale, mm(x, params["B_im"].T) * scale)
 
 
-def _output(params, h: jax.Array, x: jax.Array) -> jax.Array:
-    """``Re(C h) + D x`` for ``h (..., N)``, ``x (..., H)``, as real matmuls."""
-    return h.real @ params["C_re"].T - h.imag @ params["C_im"].T + params["D"] * x
+def _output(params, h: jax.Array, x: jax.Array, mm=jnp.matmul) -> jax.Array:
+    """``Re(C h) + D x`` for ``h (..., N)``, ``x (..., H)``, as real matmuls ``mm``."""
+    return mm(h.real, params["C_re"].T) - mm(h.imag, params["C_im"].T) + params["D"] * x
 
 
 def lru(
@@ -129,12 +129,12 @@ def lru(
         if real is not None:
             # Padded steps (a = 1, b = 0) keep the carry; their inputs reach nothing.
             xs = jnp.where(real[:, None], xs, jnp.zeros_like(xs))
-        b = _input(params, xs)
+        b = _input(params, xs, sequence_matmul)
         a = jnp.broadcast_to(_lambda(params), b.shape)
         if real is not None:
             a = jnp.where(real[:, None], a, jnp.ones_like(a))
         states = linear_scan(a, b, h, reverse=reverse, reset=reset)
-        ys = _output(params, states, xs)
+        ys = _output(params, states, xs, sequence_matmul)
         if real is not None:
             ys = jnp.where(real[:, None], ys, jnp.zeros_like(ys))
         if states.shape[0] == 0:

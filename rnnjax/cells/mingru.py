@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rnnjax._native import minrnn
 from rnnjax.cells._common import (
     Initializer,
     default_bias_init,
@@ -39,7 +40,11 @@ def mingru(
     one ``(T, I) x (I, 2H)`` matmul and runs the recurrence ``h_t = a_t h_{t-1} + b_t`` with
     ``a = 1 - z``, ``b = z h~`` through :func:`rnnjax.linear_scan` (``mode=scan_mode``), or,
     with ``log_space=True``, in log space (``log a = -softplus(k)``, ``log b = -softplus(-k) +
-    log g(v)``; ``rnnjax.cells._minrnn.log_linear_scan``), as the paper's parallel mode. Both
+    log g(v)``; ``rnnjax.cells._minrnn.log_linear_scan``), as the paper's parallel mode. On
+    CPU in float32 with the native kernels, where ``scan_mode`` resolves to ``"native"``, the
+    plain form is two compiled passes instead: the matmul on the kernels' sgemm, then the
+    gates and the recurrence in one pass each way that never writes ``a`` and ``b``
+    (:mod:`rnnjax._native.minrnn`, docs/native.md). All
     equal the ``lax.scan`` of ``step`` (``cell._replace(sequence=None)``) with ``length``,
     ``mask``, ``reverse``, ``reset`` and a given carry. ``remat`` stores only the projection
     and recomputes the gates and the recurrence. Through ``linear_scan`` (its custom VJP) only
@@ -81,5 +86,5 @@ def mingru(
 
     return min_cell(
         "mingru", hidden_size, 2, plain, logs, log_space=log_space, scan_mode=scan_mode,
-        input_init=input_init, bias_init=bias_init, dtype=dtype,
+        input_init=input_init, bias_init=bias_init, dtype=dtype, fused=minrnn.mingru_scan,
     )  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rnnjax._native import minrnn
 from rnnjax.cells._common import (
     Initializer,
     default_bias_init,
@@ -43,7 +44,8 @@ def minlstm(
     the paper's Appendix B.2 (``d = softplus(-kf) - softplus(-ki)``, ``log f' = -softplus(d)``,
     ``log i' = -softplus(-d)``, ``log b = log i' + log g(v)``). Masks, ``reverse``, ``reset``,
     a given carry, ``remat`` and the missing ``recurrent_mask`` are as in
-    :func:`rnnjax.cells.mingru`; so is the reverse-mode-only derivative of the plain form.
+    :func:`rnnjax.cells.mingru`; so are the native fused pass (float32 on CPU) and the
+    reverse-mode-only derivative of the plain form.
 
     Args:
       hidden_size: H.
@@ -73,5 +75,5 @@ def minlstm(
 
     return min_cell(
         "minlstm", hidden_size, 3, plain, logs, log_space=log_space, scan_mode=scan_mode,
-        input_init=input_init, bias_init=bias_init, dtype=dtype,
+        input_init=input_init, bias_init=bias_init, dtype=dtype, fused=minrnn.minlstm_scan,
     )  # fmt: skip
