@@ -7,15 +7,24 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.tree_util import keystr
-from orbax.checkpoint import checkpoint_managers as policies
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 _SHOWN = 5  # mismatched leaves named in one error message
+
+
+def _ocp():
+    """``orbax.checkpoint``, imported on first use: a command that opens no checkpoint (rnnjax
+    info, bench, bad input) starts without it (0.15-0.4 s of imports)."""
+    import orbax.checkpoint as ocp
+
+    return ocp
 
 
 class Checkpoints:
@@ -55,6 +64,7 @@ class Checkpoints:
             )
         self.directory = Path(directory).absolute()
         self.best_metric, self.best_mode = best_metric, best_mode
+        policies = _ocp().checkpoint_managers
         policy = policies.LatestN(n=keep_last)
         if keep_best:
             best = _BestByMetric(best_metric, best_mode, keep_best)
@@ -64,6 +74,7 @@ class Checkpoints:
         self._orbax = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
+        ocp = _ocp()
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for item, args in [("state", ocp.args.StandardSave), ("extra", ocp.args.JsonSave)]:
             registry.add(item, args)
@@ -111,6 +122,7 @@ class Checkpoints:
             self._writing = True
             self._orbax = self._open()
         state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+        ocp = _ocp()
         items = {"state": ocp.args.StandardSave(state)}
         if extra is not None:
             items["extra"] = ocp.args.JsonSave(extra)
@@ -143,6 +155,7 @@ class Checkpoints:
         step = self._step(step)
         target = jax.tree.map(_abstract, template)
         self._check(step, target)
+        ocp = _ocp()
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
         restored = self._orbax.restore(step, args=args)["state"]
         return jax.tree.map(_rewrap, template, restored)
@@ -152,6 +165,7 @@ class Checkpoints:
         step = self._step(step)
         if "extra" not in (self._orbax.metadata(step).item_handlers or {}):
             return None
+        ocp = _ocp()
         args = ocp.args.Composite(extra=ocp.args.JsonRestore())
         return self._orbax.restore(step, args=args)["extra"]
 
@@ -204,7 +218,7 @@ class _BestByMetric:
         ranked = [
             i for i, c in enumerate(checkpoints) if _metric(c.metrics, self.metric) is not None
         ]
-        best = policies.BestN(
+        best = _ocp().checkpoint_managers.BestN(
             get_metric_fn=lambda metrics: metrics[self.metric],
             reverse=self.mode == "min",  # BestN keeps the last n in sorted order
             n=self.n,
@@ -245,7 +259,7 @@ def _rewrap(template_leaf: Any, restored: jax.Array) -> jax.Array:
 def _leaves(tree: Any) -> dict[tuple[str, ...], tuple[Any, Any]]:
     """Leaves by orbax's name for them (NamedTuple fields and dict keys alike, tuple indices)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {ocp.tree.str_keypath(path): (path, leaf) for path, leaf in flat}
+    return {_ocp().tree.str_keypath(path): (path, leaf) for path, leaf in flat}
 
 
 def _describe(leaf: Any) -> str:
