@@ -7,15 +7,21 @@ import subprocess
 import sys
 
 
-def launch(*args, cache):
-    """``rnnjax ARGS`` as a process; processes share a compilation cache in ``cache``, so only
-    the first to need a function compiles it (the same executable, so the same numbers)."""
-    env = {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(cache / "jax-cache"),
+def cache_env(cache):
+    """The environment of a process that shares the session's compilation cache (conftest.py),
+    or, outside the test session, one in ``cache``: only the first process to need a function
+    compiles it (the same executable, so the same numbers)."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": os.environ.get("RNNJAX_TEST_JAX_CACHE")
+        or str(cache / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
+
+
+def launch(*args, cache):
+    """``rnnjax ARGS`` as a process, sharing a compilation cache (:func:`cache_env`)."""
+    env = {**os.environ, **cache_env(cache)}
     return subprocess.Popen(
         [sys.executable, "-m", "rnnjax.cli", *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -1,8 +1,11 @@
 """Shared fixtures; the cases themselves live in cases.py so tests can import them."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
 import pytest
@@ -33,6 +36,15 @@ def _xla_flags():
 
 if "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = _xla_flags()
+
+# The CLI, example and bench processes the tests start share one persistent compilation cache for
+# the whole session (both xdist workers: the controller makes it before they start, and they
+# inherit the variable): a program one test's process compiled, another's loads (the same
+# executable, so the same numbers). Tests that need a cache of their own still make one.
+if "RNNJAX_TEST_JAX_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="rnnjax-test-jax-cache-")
+    os.environ["RNNJAX_TEST_JAX_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
 from cases import CELLS, I, T  # noqa: E402

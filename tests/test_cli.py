@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_process import cache_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny.txt"
@@ -22,13 +23,10 @@ ENV = dict(os.environ)
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
-    """The subprocesses share a JAX compilation cache: each compiles the same small programs,
-    and the cache only skips recompiling them (the compiled code, so the numbers, are the same)."""
-    ENV.update(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    """The subprocesses share the session's JAX compilation cache: each compiles the same small
+    programs, and the cache only skips recompiling them (the compiled code, so the numbers, are
+    the same)."""
+    ENV.update(cache_env(tmp_path_factory.mktemp("cache")))
 
 
 def rnnjax(*args, cwd=None, timeout=300):
@@ -103,18 +101,18 @@ def test_generate_is_reproducible_and_varies_with_the_seed(run):
     assert a.startswith("The state") and len(a.rstrip("\n")) == len("The state") + 40
 
 
-def test_resume_continues_the_run(tmp_path):
-    out = tmp_path / "lm"
-    base = ["--data", TINY, "--checkpoint-every", "5", "--eval-every", "5", *SMALL, "--out", out]
-    ok(rnnjax("train", "--steps", "10", *base))
+def test_resume_continues_the_run(run, tmp_path):
+    """The shared run (20 steps, validated and saved every 10), resumed on a copy to 30."""
+    out = shutil.copytree(run[0], tmp_path / "lm")
     before = snapshot(out / "checkpoints")
-    ok(rnnjax("train", "--steps", "15", "--resume", *base))
-    assert [e["step"] for e in rows(out, "events.jsonl") if e["event"] == "resume"] == [10]
-    assert [r["step"] for r in rows(out) if r["split"] == "val"] == [5, 10, 15]
-    assert json.loads((out / "config.json").read_text())["steps"] == 15
+    base = ["--data", TINY, "--checkpoint-every", "10", "--eval-every", "10", *SMALL, "--out", out]
+    ok(rnnjax("train", "--steps", "30", "--resume", *base))
+    assert [e["step"] for e in rows(out, "events.jsonl") if e["event"] == "resume"] == [20]
+    assert [r["step"] for r in rows(out) if r["split"] == "val"] == [10, 20, 30]
+    assert json.loads((out / "config.json").read_text())["steps"] == 30
     after = snapshot(out / "checkpoints")
-    assert before["10/state/_METADATA"] == after["10/state/_METADATA"]  # untouched
-    assert any(k.startswith("15/") for k in after)
+    assert before["20/state/_METADATA"] == after["20/state/_METADATA"]  # untouched
+    assert any(k.startswith("30/") for k in after)
 
 
 def test_truncated_bptt_stream(tmp_path):
@@ -138,17 +136,16 @@ def test_truncated_bptt_stream(tmp_path):
     )
 
 
-def test_default_corpus_needs_no_data_file(tmp_path):
-    out = ok(rnnjax("train", "--steps", "2", "--eval-every", "0", *SMALL, "--out", tmp_path / "d"))
-    config = json.loads((tmp_path / "d" / "config.json").read_text())
+def test_default_corpus_needs_no_data_file_and_default_out_is_numbered(tmp_path):
+    """Two runs without --out: the first on the default corpus (no --data), the second on a
+    file; the second is numbered, not written over the first."""
+    args = ["train", "--steps", "2", "--eval-every", "0", *SMALL]
+    out = ok(rnnjax(*args, cwd=tmp_path))
+    config = json.loads((tmp_path / "runs" / "charlm" / "config.json").read_text())
     assert config["data"] is None and "bits per character" in out
-
-
-def test_default_out_is_numbered_not_overwritten(tmp_path):
-    args = ["train", "--data", TINY, "--steps", "2", "--eval-every", "0", *SMALL]
-    ok(rnnjax(*args, cwd=tmp_path))
-    ok(rnnjax(*args, cwd=tmp_path))
+    ok(rnnjax(*args, "--data", TINY, cwd=tmp_path))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["charlm", "charlm-2"]
+    assert json.loads((tmp_path / "runs" / "charlm-2" / "config.json").read_text())["data"]
 
 
 def test_info():
